@@ -1,0 +1,11 @@
+//! afa-server: serve ensembles of Stable Diffusion 1.5 fine-tunes with Adaptive Feature Aggregation.
+//!
+//! Layers (see `shared/design/architecture.md`): `loading` turns files into weights, `models`
+//! holds the networks (CLIP, VAE, staged UNet), `schedulers` the samplers, `pipeline` runs
+//! text -> image for one batch, `cli` parses the command line.
+pub mod cli;
+pub mod loading;
+pub mod models;
+pub mod npy;
+pub mod pipeline;
+

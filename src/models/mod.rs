@@ -1,0 +1,19 @@
+//! The networks: CLIP tokenizer and text encoder, VAE, and the staged UNet that can run one
+//! layer at a time. Tensor names follow diffusers so weights load unchanged.
+pub mod blocks;
+pub mod nn;
+pub mod unet;
+
+/// Errors of the models layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported {component} config: {reason}")]
+    Config {
+        component: &'static str,
+        reason: String,
+    },
+    #[error("{0}")]
+    Shape(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,218 @@
+//! Small building blocks shared by every network (CLIP, VAE, UNet, aggregators): convolutions,
+//! linear layers, group/layer norm, and multi-head attention.
+//!
+//! Everything here is built from candle operations whose backward pass is correct, choosing the
+//! fused (faster, no-gradient) kernels only when the input does not track gradients, so the same
+//! modules serve inference and training.
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+pub use candle_nn::{Conv2d, Linear};
+
+/// A `k x k` convolution with `padding` and `stride` (diffusers names `weight`, `bias`).
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    spec: ConvSpec,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: spec.padding,
+        stride: spec.stride,
+        ..Default::default()
+    };
+    if spec.bias {
+        candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    } else {
+        candle_nn::conv2d_no_bias(in_channels, out_channels, kernel, cfg, vb)
+    }
+}
+
+/// Padding, stride and bias of a convolution.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub padding: usize,
+    pub stride: usize,
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// `padding` 1, stride 1, with bias: the 3x3 "same" convolution.
+    pub const SAME3: ConvSpec = ConvSpec {
+        padding: 1,
+        stride: 1,
+        bias: true,
+    };
+    /// A 1x1 convolution with bias.
+    pub const POINTWISE: ConvSpec = ConvSpec {
+        padding: 0,
+        stride: 1,
+        bias: true,
+    };
+}
+
+/// A linear layer with or without bias.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+/// Group normalisation over `[B, C, ...]` (diffusers `nn.GroupNorm`, affine).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: candle_nn::group_norm(groups, channels, eps, vb)?,
+        })
+    }
+
+    /// `x`: `[B, C, *]` -> same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+/// Layer normalisation over the last dimension (affine, with bias).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    /// `x`: `[..., dim]` -> same shape. Fused kernel for inference, differentiable ops when
+    /// gradients are tracked.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        }
+    }
+}
+
+/// Softmax over the last dimension: fused kernel for inference, differentiable ops otherwise.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// Upper bound on the number of attention scores materialised at once (per slice of queries).
+const ATTENTION_SCORE_BUDGET: usize = 1 << 24;
+
+/// Scaled dot-product attention over heads, computed in slices of queries so that the score
+/// matrix for all heads is never allocated at once for long sequences.
+///
+/// `q`: `[B, H, Tq, d]`, `k`, `v`: `[B, H, Tk, d]` -> `[B, H, Tq, d]`.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let kt = k.transpose(2, 3)?.contiguous()?;
+    let v = v.contiguous()?;
+    let rows_per_slice = (ATTENTION_SCORE_BUDGET / (b * h * tk).max(1)).clamp(1, tq);
+    let attend = |q: &Tensor| -> Result<Tensor> {
+        let q = (q * scale)?;
+        let scores = q.matmul(&kt)?;
+        let scores = if scores.dtype() == DType::F32 || scores.dtype() == DType::F64 {
+            softmax_last_dim(&scores)?
+        } else {
+            // Half precision: softmax in f32 as PyTorch's SDPA does.
+            softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+        };
+        scores.matmul(&v)
+    };
+    if rows_per_slice >= tq {
+        return attend(&q.contiguous()?);
+    }
+    let mut outs = Vec::with_capacity(tq.div_ceil(rows_per_slice));
+    let mut start = 0;
+    while start < tq {
+        let len = rows_per_slice.min(tq - start);
+        outs.push(attend(&q.narrow(2, start, len)?.contiguous()?)?);
+        start += len;
+    }
+    Tensor::cat(&outs, 2)
+}
+
+/// Multi-head attention as diffusers' `Attention` (`to_q`, `to_k`, `to_v` without bias unless
+/// asked, `to_out.0` with bias), also used for CLIP-style names through `AttentionNames`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+/// Shape of an attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSpec {
+    /// Query (and output) width.
+    pub query_dim: usize,
+    /// Key/value input width (the text width for cross-attention).
+    pub context_dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Whether q/k/v projections have a bias.
+    pub qkv_bias: bool,
+}
+
+impl Attention {
+    /// Diffusers layout: `to_q`, `to_k`, `to_v`, `to_out.0`.
+    pub fn new(spec: AttentionSpec, vb: VarBuilder) -> Result<Self> {
+        let inner = spec.heads * spec.head_dim;
+        Ok(Self {
+            to_q: linear(spec.query_dim, inner, spec.qkv_bias, vb.pp("to_q"))?,
+            to_k: linear(spec.context_dim, inner, spec.qkv_bias, vb.pp("to_k"))?,
+            to_v: linear(spec.context_dim, inner, spec.qkv_bias, vb.pp("to_v"))?,
+            to_out: linear(inner, spec.query_dim, true, vb.pp("to_out").pp("0"))?,
+            heads: spec.heads,
+            scale: 1.0 / (spec.head_dim as f64).sqrt(),
+        })
+    }
+
+    /// `x`: `[B, T, query_dim]`, `context`: `[B, S, context_dim]` (self-attention when `None`)
+    /// -> `[B, T, query_dim]`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        self.to_out.forward(&merge_heads(&out)?)
+    }
+}
+
+/// `[B, T, H*d]` -> `[B, H, T, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    x.reshape((b, t, heads, c / heads))?.transpose(1, 2)
+}
+
+/// `[B, H, T, d]` -> `[B, T, H*d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, t, h * d))
+}

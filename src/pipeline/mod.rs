@@ -1,0 +1,1 @@
+//! Text -> image for one batch.
