@@ -5,6 +5,7 @@ mod error;
 pub mod diffusers;
 pub mod safetensors_file;
 pub mod single_file;
+pub mod tokenizer_files;
 pub mod weights;
 
 pub use error::{LoadError, ShapeMismatch};

@@ -2,6 +2,7 @@
 //! layer at a time. Tensor names follow diffusers so weights load unchanged.
 pub mod blocks;
 pub mod nn;
+pub mod tokenizer;
 pub mod unet;
 
 /// Errors of the models layer.
