@@ -1,9 +1,11 @@
 //! The networks: CLIP tokenizer and text encoder, VAE, and the staged UNet that can run one
 //! layer at a time. Tensor names follow diffusers so weights load unchanged.
 pub mod blocks;
+pub mod clip;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 
 /// Errors of the models layer.
 #[derive(Debug, thiserror::Error)]

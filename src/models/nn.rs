@@ -196,7 +196,10 @@ impl Attention {
     /// `x`: `[B, T, query_dim]`, `context`: `[B, S, context_dim]` (self-attention when `None`)
     /// -> `[B, T, query_dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
+        // candle 0.11 CPU: a batched matmul of a transposed view with a broadcast weight is
+        // wrong for B > 1, so linear layers only ever see contiguous inputs.
+        let x = &x.contiguous()?;
+        let context = &context.unwrap_or(x).contiguous()?;
         let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
