@@ -2,6 +2,7 @@
 //! diffusers names), memory-mapped safetensors, tokenizer files. The only module allowed
 //! `unsafe` (mmap, in `safetensors_file`).
 mod error;
+pub mod checkpoint;
 pub mod diffusers;
 pub mod safetensors_file;
 pub mod single_file;

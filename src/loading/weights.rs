@@ -8,16 +8,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::safetensors_file::SafetensorsFile;
+pub use super::single_file::KeyTransform as Transform;
 use super::{LoadError, ShapeMismatch};
-
-/// How a stored tensor is turned into the model's tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transform {
-    /// Used as stored.
-    None,
-    /// A 1x1 convolution weight `[O, I, 1, 1]` used as a linear weight `[O, I]`.
-    SqueezeConv1x1ToLinear,
-}
 
 /// Where one named tensor lives.
 #[derive(Debug, Clone)]
@@ -28,27 +20,15 @@ pub struct WeightSource {
 }
 
 impl WeightSource {
+    /// Shape after the transform (an unusable stored shape is reported as stored).
     fn stored_shape(&self) -> Vec<usize> {
-        let shape = self.file.shape(&self.key).unwrap_or(&[]).to_vec();
-        match self.transform {
-            Transform::None => shape,
-            Transform::SqueezeConv1x1ToLinear => shape.into_iter().take(2).collect(),
-        }
+        let shape = self.file.shape(&self.key).unwrap_or(&[]);
+        self.transform.output_shape(shape).unwrap_or_else(|| shape.to_vec())
     }
 
     fn load(&self, dtype: DType, device: &Device) -> Result<Tensor, LoadError> {
         let t = self.file.load(&self.key, dtype, device)?;
-        Ok(match self.transform {
-            Transform::None => t,
-            Transform::SqueezeConv1x1ToLinear => {
-                let dims = t.dims().to_vec();
-                if dims.len() == 4 && dims[2] == 1 && dims[3] == 1 {
-                    t.reshape((dims[0], dims[1]))?
-                } else {
-                    t
-                }
-            }
-        })
+        Ok(self.transform.apply(t)?)
     }
 }
 

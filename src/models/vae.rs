@@ -5,7 +5,7 @@
 //! Latent convention: `encode` returns the distribution of the *unscaled* latent `z`, and
 //! `decode` takes an unscaled `z`. The diffusion model works on `(z - shift) * scaling_factor`;
 //! use [`AutoencoderKL::scale_latents`] / [`AutoencoderKL::unscale_latents`] to convert.
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -418,6 +418,7 @@ pub struct AutoencoderKL {
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     config: VaeConfig,
+    dtype: DType,
 }
 
 impl AutoencoderKL {
@@ -456,7 +457,13 @@ impl AutoencoderKL {
             post_quant_conv,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             config: cfg.clone(),
+            dtype: vb.dtype(),
         })
+    }
+
+    /// Dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The config the model was built from.

@@ -1,1 +1,45 @@
-//! Text -> image for one batch.
+//! Synchronous text -> image for one homogeneous batch: validated parameters, per-image seeded
+//! noise, classifier-free guidance batched as [uncond; cond], the sampler loop, VAE decode,
+//! and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
+mod denoiser;
+mod generate;
+pub mod noise;
+mod params;
+pub mod png;
+
+pub use denoiser::{Denoiser, SingleUNet};
+pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings};
+pub use noise::{BatchNoise, ImageRng};
+pub use params::{BatchRequest, ImageSpec, Limits, sampler_display_name};
+
+use crate::models::ModelError;
+use crate::schedulers::SchedulerError;
+
+/// Errors of the pipeline layer.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A caller mistake: names the offending field.
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// Every image of the batch was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl PipelineError {
+    /// Shorthand for an invalid-field error.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        PipelineError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The parameters of one batch and their validation. Every field is checked and a violation
+//! names the field; nothing is silently ignored.
+use candle_core::Tensor;
+
+use super::PipelineError;
+use crate::schedulers::SchedulerKind;
+
+/// One image of a batch. Prompts, seed and guidance may differ between images of one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub guidance_scale: f64,
+}
+
+/// A homogeneous batch: everything that must be shared by the images run together.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    pub images: Vec<ImageSpec>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub scheduler: SchedulerKind,
+    /// Start from these latents `[B, C, H/f, W/f]` instead of seeded noise (parity tooling).
+    pub initial_latents: Option<Tensor>,
+}
+
+/// Bounds enforced on every request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub min_side: usize,
+    pub max_side: usize,
+    /// Upper bound on width * height.
+    pub max_pixels: usize,
+    pub max_steps: usize,
+    pub max_guidance: f64,
+    pub max_batch: usize,
+    /// Upper bound on prompt length in bytes (CLIP reads 75 tokens; this only bounds work).
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            min_side: 64,
+            max_side: 2048,
+            max_pixels: 1024 * 1024,
+            max_steps: 500,
+            max_guidance: 50.0,
+            max_batch: 16,
+            max_prompt_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl BatchRequest {
+    /// Checks the request against `limits`; `multiple` is the VAE's downscale factor.
+    pub fn validate(&self, limits: &Limits, multiple: usize) -> Result<(), PipelineError> {
+        if self.images.is_empty() {
+            return Err(PipelineError::invalid("n", "a batch needs at least one image"));
+        }
+        if self.images.len() > limits.max_batch {
+            return Err(PipelineError::invalid("n", format!("at most {} images per batch", limits.max_batch)));
+        }
+        for (field, side) in [("width", self.width), ("height", self.height)] {
+            if side < limits.min_side || side > limits.max_side {
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("{side} is outside {}..={}", limits.min_side, limits.max_side),
+                ));
+            }
+            if side % multiple != 0 {
+                return Err(PipelineError::invalid(field, format!("{side} is not a multiple of {multiple}")));
+            }
+        }
+        if self.width * self.height > limits.max_pixels {
+            return Err(PipelineError::invalid(
+                "width",
+                format!(
+                    "{}x{} exceeds the pixel budget of {}",
+                    self.width, self.height, limits.max_pixels
+                ),
+            ));
+        }
+        if self.steps == 0 || self.steps > limits.max_steps {
+            return Err(PipelineError::invalid("steps", format!("{} is outside 1..={}", self.steps, limits.max_steps)));
+        }
+        for image in &self.images {
+            let g = image.guidance_scale;
+            if !g.is_finite() || g < 0.0 || g > limits.max_guidance {
+                return Err(PipelineError::invalid(
+                    "guidance_scale",
+                    format!("{g} is outside 0..={}", limits.max_guidance),
+                ));
+            }
+            if image.prompt.len() > limits.max_prompt_bytes {
+                return Err(PipelineError::invalid("prompt", format!("longer than {} bytes", limits.max_prompt_bytes)));
+            }
+            if image.negative_prompt.len() > limits.max_prompt_bytes {
+                return Err(PipelineError::invalid(
+                    "negative_prompt",
+                    format!("longer than {} bytes", limits.max_prompt_bytes),
+                ));
+            }
+        }
+        if let Some(latents) = &self.initial_latents {
+            let (h, w) = (self.height / multiple, self.width / multiple);
+            let dims = latents.dims();
+            if dims.len() != 4 || dims[0] != self.images.len() || dims[2] != h || dims[3] != w {
+                return Err(PipelineError::invalid(
+                    "latents",
+                    format!("shape {dims:?} does not fit {} images of {h}x{w} latents", self.images.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sampler's name as A1111 writes it in image metadata.
+pub fn sampler_display_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Ddim => "DDIM",
+        SchedulerKind::EulerAncestral => "Euler a",
+        SchedulerKind::DpmPp2m => "DPM++ 2M",
+        SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> BatchRequest {
+        BatchRequest {
+            images: vec![ImageSpec {
+                prompt: "a cat".into(),
+                negative_prompt: String::new(),
+                seed: 1,
+                guidance_scale: 7.5,
+            }],
+            width: 512,
+            height: 512,
+            steps: 20,
+            scheduler: SchedulerKind::Ddim,
+            initial_latents: None,
+        }
+    }
+
+    fn field_of(r: &BatchRequest) -> &'static str {
+        match r.validate(&Limits::default(), 8) {
+            Err(PipelineError::Invalid { field, .. }) => field,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_request_passes() {
+        request().validate(&Limits::default(), 8).unwrap();
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let mut r = request();
+        r.width = 513;
+        assert_eq!(field_of(&r), "width");
+        let mut r = request();
+        r.height = 8;
+        assert_eq!(field_of(&r), "height");
+        let mut r = request();
+        r.steps = 0;
+        assert_eq!(field_of(&r), "steps");
+        let mut r = request();
+        r.images[0].guidance_scale = f64::NAN;
+        assert_eq!(field_of(&r), "guidance_scale");
+        let mut r = request();
+        r.images.clear();
+        assert_eq!(field_of(&r), "n");
+        let mut r = request();
+        r.images[0].prompt = "x".repeat(100_000);
+        assert_eq!(field_of(&r), "prompt");
+    }
+}
