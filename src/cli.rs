@@ -1,4 +1,123 @@
-//! Command line: `afa generate`, `afa bench`, ...
+//! Command line: clap definitions of every subcommand and dispatch to `commands`.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands;
+use crate::schedulers::SchedulerKind;
+
+/// afa: serve and run ensembles of Stable Diffusion 1.5 fine-tunes (AFA).
+#[derive(Debug, Parser)]
+#[command(name = "afa", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a prompt with one model (the embedded tiny model by default).
+    Generate(GenerateArgs),
+}
+
+/// Weight precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Where tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when compiled in and present, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// `afa generate` flags (later tools rely on these names).
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// A diffusers folder or a single-file `.safetensors` checkpoint. Default: the embedded tiny
+    /// model (random weights; it draws noise).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// For a single-file checkpoint: a diffusers folder whose configs (and tokenizer) describe
+    /// its architecture. Default: Stable Diffusion 1.5.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// A VAE `.safetensors` replacing the model's own.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// A tokenizer folder (`vocab.json` + `merges.txt`) replacing the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Image width in pixels (default 512, or 128 for the embedded tiny model).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default 512, or 128 for the embedded tiny model).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Seed of the first image; image i uses seed + i. Random when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value = "ddim", value_parser = parse_scheduler)]
+    pub scheduler: SchedulerKind,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Output PNG; batches get `-N` suffixes (`out-0.png`, `out-1.png`, ...).
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+    /// Start from this initial noise (f32 `[B,4,H/8,W/8]` `.npy`) instead of the seed.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Write intermediate tensors as `.npy` files into this folder.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse::<SchedulerKind>().map_err(|_| {
+        let names: Vec<String> = SchedulerKind::ALL.iter().map(|k| k.to_string()).collect();
+        format!("unknown scheduler '{s}' (one of: {})", names.join(", "))
+    })
+}
+
+/// Parses the command line, runs the command, and returns the process exit code.
 pub fn main() -> i32 {
-    0
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(&args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            // One line: candle errors may carry a multi-line backtrace after the message.
+            let message = format!("{e:#}");
+            eprintln!(
+                "error: {}",
+                message.lines().next().unwrap_or("unknown error").trim_end()
+            );
+            1
+        }
+    }
 }

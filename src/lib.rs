@@ -5,6 +5,8 @@
 //! text -> image for one batch, `cli` parses the command line.
 pub mod bench;
 pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod loading;
 pub mod models;
 pub mod npy;

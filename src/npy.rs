@@ -144,7 +144,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape {shape_text}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape {shape_text}"))
+        })
         .collect::<Result<_, _>>()?;
     let count: usize = shape.iter().product();
     let body = &bytes[start + header_len..];
@@ -249,7 +252,10 @@ pub fn write_i64(path: impl AsRef<Path>, shape: &[usize], data: &[i64]) -> Resul
 
 /// Writes a tensor as f32 `.npy` (any dtype is converted).
 pub fn write_tensor(path: impl AsRef<Path>, tensor: &Tensor) -> Result<(), NpyError> {
-    let t = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let t = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     write_f32(path, tensor.dims(), &t)
 }
 

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use afa::loading::checkpoint::{LoadedModel, ModelSource, load_model};
-use afa::pipeline::{BatchRequest, ImageSpec, Limits, Observer, PipelineError, SdPipeline, SingleUNet};
+use afa::pipeline::{
+    BatchRequest, ImageSpec, Limits, Observer, PipelineError, SdPipeline, SingleUNet,
+};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
 
@@ -61,12 +63,23 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn reference_request(kind: SchedulerKind, latents: Option<Tensor>) -> BatchRequest {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURES).join("prompts.json")).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURES).join("prompts.json")).unwrap(),
+    )
+    .unwrap();
     let prompts = meta["prompts"].as_array().unwrap();
     let negative = meta["negative"].as_array().unwrap();
     let images = prompts
@@ -110,8 +123,14 @@ fn final_latents_match_diffusers_for_deterministic_samplers() {
         let ts = afa::npy::read(Path::new(FIXTURES).join(name).join("timesteps.npy")).unwrap();
         let ours: Vec<f64> = cap.0["timesteps"].to_vec1::<f64>().unwrap();
         assert_eq!(ours, ts.data, "{name} timesteps");
-        let eps_err = max_abs_diff(&cap.0["noise_pred_step0"], &fixture(name, "noise_pred_step0.npy"));
-        assert!(eps_err <= 1e-4, "{name}: guided eps at step 0 off by {eps_err}");
+        let eps_err = max_abs_diff(
+            &cap.0["noise_pred_step0"],
+            &fixture(name, "noise_pred_step0.npy"),
+        );
+        assert!(
+            eps_err <= 1e-4,
+            "{name}: guided eps at step 0 off by {eps_err}"
+        );
         let err = max_abs_diff(&cap.0["latent_final"], &fixture(name, "latent_final.npy"));
         assert!(err <= 1e-3, "{name}: final latent off by {err}");
         if name == "ddim" {
@@ -130,7 +149,10 @@ fn single_file_copy_gives_identical_results() {
         model_config: Some(PathBuf::from("tests/fixtures/tiny-sd")),
         ..Default::default()
     });
-    let req = reference_request(SchedulerKind::Ddim, Some(fixture("ddim", "latent_init.npy")));
+    let req = reference_request(
+        SchedulerKind::Ddim,
+        Some(fixture("ddim", "latent_init.npy")),
+    );
     let a = run(&folder, &req);
     let b = run(&single, &req);
     for name in ["text_emb", "noise_pred_step0", "latent_final", "image"] {
@@ -166,7 +188,10 @@ fn invalid_requests_name_the_field() {
         Err(PipelineError::Invalid { field, .. }) => assert_eq!(field, "width"),
         other => panic!("{other:?}"),
     }
-    let mut req = reference_request(SchedulerKind::Ddim, Some(Tensor::zeros((1, 4, 3, 3), DType::F32, &Device::Cpu).unwrap()));
+    let mut req = reference_request(
+        SchedulerKind::Ddim,
+        Some(Tensor::zeros((1, 4, 3, 3), DType::F32, &Device::Cpu).unwrap()),
+    );
     req.steps = 2;
     match p.generate(&req, &mut ()) {
         Err(PipelineError::Invalid { field, .. }) => assert_eq!(field, "latents"),

@@ -14,7 +14,10 @@ fn fixture(name: &str) -> Tensor {
 }
 
 fn load_tiny_unet() -> StagedUNet {
-    let folder = open_component(Path::new("tests/fixtures/tiny-sd/unet"), "unet", |k| Some(k.to_string())).unwrap();
+    let folder = open_component(Path::new("tests/fixtures/tiny-sd/unet"), "unet", |k| {
+        Some(k.to_string())
+    })
+    .unwrap();
     let config: UNetConfig = serde_json::from_value(folder.config.clone()).unwrap();
     folder
         .weights
@@ -26,7 +29,16 @@ fn load_tiny_unet() -> StagedUNet {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -68,21 +80,32 @@ fn sd15_plan_has_the_25_aggregation_points_of_the_spec() {
     let plan = layer_plan(&UNetConfig::sd15());
     assert_eq!(plan.len(), 26);
     // Every layer but the last up layer is an aggregation point (§2.2).
-    let last_up = plan.iter().rposition(|l| matches!(l.layer, UNetLayer::Up { .. })).unwrap();
-    let points: Vec<_> = plan.iter().enumerate().filter(|(i, _)| *i != last_up).map(|(_, l)| l).collect();
+    let last_up = plan
+        .iter()
+        .rposition(|l| matches!(l.layer, UNetLayer::Up { .. }))
+        .unwrap();
+    let points: Vec<_> = plan
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != last_up)
+        .map(|(_, l)| l)
+        .collect();
     let channels: Vec<usize> = points.iter().map(|l| l.out_channels).collect();
     assert_eq!(
         channels,
         vec![
-            320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 1280, 1280, 1280, 1280, 1280,
-            1280, 640, 640, 640, 320, 320, 4
+            320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 1280, 1280,
+            1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 4
         ]
     );
     assert_eq!(channels.iter().sum::<usize>(), 21_124);
     let sizes: Vec<usize> = points.iter().map(|l| 64 / l.downscale).collect();
     assert_eq!(
         sizes,
-        vec![64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64, 64]
+        vec![
+            64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64,
+            64, 64
+        ]
     );
     assert_eq!(plan.iter().filter(|l| l.pushes_skip).count(), 12);
     assert_eq!(plan.iter().filter(|l| l.pops_skip).count(), 12);
@@ -95,7 +118,10 @@ fn staged_layers_expose_features_between_layers() {
     let t = fixture("odd_timesteps.npy");
     let context = fixture("odd_context.npy");
     let temb = unet.time_embedding(&t).unwrap();
-    let cond = afa::models::unet::Conditioning { temb: &temb, context: &context };
+    let cond = afa::models::unet::Conditioning {
+        temb: &temb,
+        context: &context,
+    };
     let mut skips = afa::models::unet::SkipStack::default();
     let mut hidden = sample.clone();
     for (i, info) in unet.plan().iter().enumerate() {
@@ -107,7 +133,11 @@ fn staged_layers_expose_features_between_layers() {
         };
         hidden = unet.run_layer(i, &input, &cond).unwrap();
         assert_eq!(hidden.dim(1).unwrap(), info.out_channels, "layer {i}");
-        assert_eq!(hidden.dim(2).unwrap(), 12_usize.div_ceil(info.downscale), "layer {i}");
+        assert_eq!(
+            hidden.dim(2).unwrap(),
+            12_usize.div_ceil(info.downscale),
+            "layer {i}"
+        );
         if info.pushes_skip {
             skips.push(hidden.clone());
         }

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use serde::de::DeserializeOwned;
 
+use super::LoadError;
 use super::diffusers::{ComponentFolder, is_pipeline_folder, open_component, read_json};
 use super::safetensors_file::{SafetensorsFile, refuse_pickle};
-use super::single_file::{Component, MapResult, SingleFileLayout, map_key, normalize_diffusers_name};
+use super::single_file::{
+    Component, MapResult, SingleFileLayout, map_key, normalize_diffusers_name,
+};
 use super::tokenizer_files::BpeVocab;
 use super::weights::{WeightSet, WeightSource};
-use super::LoadError;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{StagedUNet, UNetConfig};
@@ -61,7 +63,11 @@ struct Weights {
 }
 
 /// Loads a model from `source` in `dtype` onto `device`.
-pub fn load_model(source: &ModelSource, dtype: DType, device: &Device) -> Result<LoadedModel, LoadError> {
+pub fn load_model(
+    source: &ModelSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
     let path = &source.model;
     refuse_pickle(path)?;
     let (configs, mut weights, config_dir) = if is_pipeline_folder(path) {
@@ -79,17 +85,22 @@ pub fn load_model(source: &ModelSource, dtype: DType, device: &Device) -> Result
         let weights = open_single_file(path, &configs)?;
         (configs, weights, source.model_config.clone())
     } else if path.is_dir() {
-        return Err(LoadError::format(path, "not a diffusers folder (no model_index.json)"));
+        return Err(LoadError::format(
+            path,
+            "not a diffusers folder (no model_index.json)",
+        ));
     } else {
         return Err(LoadError::format(path, "no such file or folder"));
     };
     if let Some(vae) = &source.vae {
         weights.vae = open_vae_file(vae, &configs)?;
     }
-    let tokenizer_dir = source
-        .tokenizer
-        .clone()
-        .or_else(|| config_dir.as_ref().map(|d| d.join("tokenizer")).filter(|d| d.is_dir()));
+    let tokenizer_dir = source.tokenizer.clone().or_else(|| {
+        config_dir
+            .as_ref()
+            .map(|d| d.join("tokenizer"))
+            .filter(|d| d.is_dir())
+    });
     let vocab = match tokenizer_dir {
         Some(dir) => BpeVocab::from_dir(&dir)?,
         None => BpeVocab::embedded_default()?,
@@ -118,18 +129,24 @@ fn build_models(
     device: &Device,
 ) -> Result<(StagedUNet, ClipTextModel, AutoencoderKL), LoadError> {
     let model_err = |e: crate::models::ModelError| candle_core::Error::Msg(e.to_string());
-    let unet = weights
-        .unet
-        .build(dtype, device, |vb| StagedUNet::new(&configs.unet, vb).map_err(model_err))?;
+    let unet = weights.unet.build(dtype, device, |vb| {
+        StagedUNet::new(&configs.unet, vb).map_err(model_err)
+    })?;
     let text = weights
         .text
         .build(dtype, device, |vb| ClipTextModel::new(&configs.text, vb))?;
-    let vae = weights.vae.build(dtype, device, |vb| AutoencoderKL::new(&configs.vae, vb))?;
+    let vae = weights
+        .vae
+        .build(dtype, device, |vb| AutoencoderKL::new(&configs.vae, vb))?;
     Ok((unet, text, vae))
 }
 
-fn parse_config<T: DeserializeOwned>(value: &serde_json::Value, path: &Path) -> Result<T, LoadError> {
-    serde_json::from_value(value.clone()).map_err(|e| LoadError::format(path, format!("bad config: {e}")))
+fn parse_config<T: DeserializeOwned>(
+    value: &serde_json::Value,
+    path: &Path,
+) -> Result<T, LoadError> {
+    serde_json::from_value(value.clone())
+        .map_err(|e| LoadError::format(path, format!("bad config: {e}")))
 }
 
 fn configs_from_folder(dir: &Path) -> Result<Configs, LoadError> {
@@ -170,7 +187,10 @@ fn normalizer(component: Component) -> impl Fn(&str) -> Option<String> {
 fn open_pipeline_folder(dir: &Path) -> Result<(Configs, Weights), LoadError> {
     let part = |sub: &str, component| -> Result<(ComponentFolder, PathBuf), LoadError> {
         let d = dir.join(sub);
-        Ok((open_component(&d, sub, normalizer(component))?, d.join("config.json")))
+        Ok((
+            open_component(&d, sub, normalizer(component))?,
+            d.join("config.json"),
+        ))
     };
     let (unet, up) = part("unet", Component::Unet)?;
     let (vae, vp) = part("vae", Component::Vae)?;
@@ -228,7 +248,8 @@ fn open_single_file(path: &Path, configs: &Configs) -> Result<Weights, LoadError
             mis_shaped: vec![],
         });
     }
-    let mut take = |c: Component, name: &str| WeightSet::new(name, parts.remove(&c).unwrap_or_default());
+    let mut take =
+        |c: Component, name: &str| WeightSet::new(name, parts.remove(&c).unwrap_or_default());
     Ok(Weights {
         unet: take(Component::Unet, "unet"),
         vae: take(Component::Vae, "vae"),
@@ -240,11 +261,17 @@ fn open_single_file(path: &Path, configs: &Configs) -> Result<Weights, LoadError
 /// without the `first_stage_model.` prefix (`encoder.down.0...`).
 fn open_vae_file(path: &Path, configs: &Configs) -> Result<WeightSet, LoadError> {
     let file = Arc::new(SafetensorsFile::open(path)?);
-    let original = file
-        .names()
-        .any(|k| k.starts_with("first_stage_model.") || k.starts_with("encoder.down.") || k.starts_with("decoder.up."));
+    let original = file.names().any(|k| {
+        k.starts_with("first_stage_model.")
+            || k.starts_with("encoder.down.")
+            || k.starts_with("decoder.up.")
+    });
     if !original {
-        return Ok(WeightSet::from_file("vae", file, normalizer(Component::Vae)));
+        return Ok(WeightSet::from_file(
+            "vae",
+            file,
+            normalizer(Component::Vae),
+        ));
     }
     let layout = layout(configs);
     let mut entries = HashMap::new();

@@ -40,7 +40,10 @@ pub fn open_component(
     normalize: impl Fn(&str) -> Option<String>,
 ) -> Result<ComponentFolder, LoadError> {
     if !dir.is_dir() {
-        return Err(LoadError::format(dir, format!("{component} folder not found")));
+        return Err(LoadError::format(
+            dir,
+            format!("{component} folder not found"),
+        ));
     }
     let config = read_json(&dir.join("config.json"))?;
     let files = weight_files(dir)?;
@@ -107,7 +110,10 @@ fn sharded_files(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
             .ok_or_else(|| LoadError::format(index, "weight_map values must be file names"))?;
         let shard_path = Path::new(name);
         if shard_path.components().count() != 1 {
-            return Err(LoadError::format(index, format!("shard name {name} must be a plain file name")));
+            return Err(LoadError::format(
+                index,
+                format!("shard name {name} must be a plain file name"),
+            ));
         }
         let path = dir.join(shard_path);
         if !files.contains(&path) {

@@ -29,7 +29,10 @@ pub enum LoadError {
         path.display()
     )]
     Pickle { path: PathBuf },
-    #[error("{component}: checkpoint does not match the model: {}", describe_mismatch(missing, unexpected, mis_shaped))]
+    #[error(
+        "{component}: checkpoint does not match the model: {}",
+        describe_mismatch(missing, unexpected, mis_shaped)
+    )]
     TensorMismatch {
         component: String,
         missing: Vec<String>,
@@ -60,27 +63,53 @@ impl LoadError {
 
 fn list(names: &[String]) -> String {
     const SHOWN: usize = 12;
-    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         s.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
     s
 }
 
-fn describe_mismatch(missing: &[String], unexpected: &[String], mis_shaped: &[ShapeMismatch]) -> String {
+fn describe_mismatch(
+    missing: &[String],
+    unexpected: &[String],
+    mis_shaped: &[ShapeMismatch],
+) -> String {
     let mut parts = Vec::new();
     if !missing.is_empty() {
-        parts.push(format!("{} missing tensor(s): {}", missing.len(), list(missing)));
+        parts.push(format!(
+            "{} missing tensor(s): {}",
+            missing.len(),
+            list(missing)
+        ));
     }
     if !mis_shaped.is_empty() {
         let names: Vec<String> = mis_shaped
             .iter()
-            .map(|m| format!("{} (expected {:?}, found {:?})", m.name, m.expected, m.found))
+            .map(|m| {
+                format!(
+                    "{} (expected {:?}, found {:?})",
+                    m.name, m.expected, m.found
+                )
+            })
             .collect();
-        parts.push(format!("{} mis-shaped tensor(s): {}", names.len(), list(&names)));
+        parts.push(format!(
+            "{} mis-shaped tensor(s): {}",
+            names.len(),
+            list(&names)
+        ));
     }
     if !unexpected.is_empty() {
-        parts.push(format!("{} unexpected tensor(s): {}", unexpected.len(), list(unexpected)));
+        parts.push(format!(
+            "{} unexpected tensor(s): {}",
+            unexpected.len(),
+            list(unexpected)
+        ));
     }
     parts.join("; ")
 }

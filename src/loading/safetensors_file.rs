@@ -108,9 +108,18 @@ impl SafetensorsFile {
         let bytes = self
             .mmap
             .get(self.data_start + begin..self.data_start + end)
-            .ok_or_else(|| LoadError::format(&self.path, format!("tensor {name} lies past the end of the file")))?;
+            .ok_or_else(|| {
+                LoadError::format(
+                    &self.path,
+                    format!("tensor {name} lies past the end of the file"),
+                )
+            })?;
         let t = Tensor::from_raw_buffer(bytes, stored, &info.shape, &Device::Cpu)?;
-        let t = if stored == dtype { t } else { t.to_dtype(dtype)? };
+        let t = if stored == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         Ok(t.to_device(device)?)
     }
 }

@@ -23,7 +23,9 @@ impl WeightSource {
     /// Shape after the transform (an unusable stored shape is reported as stored).
     fn stored_shape(&self) -> Vec<usize> {
         let shape = self.file.shape(&self.key).unwrap_or(&[]);
-        self.transform.output_shape(shape).unwrap_or_else(|| shape.to_vec())
+        self.transform
+            .output_shape(shape)
+            .unwrap_or_else(|| shape.to_vec())
     }
 
     fn load(&self, dtype: DType, device: &Device) -> Result<Tensor, LoadError> {
@@ -99,12 +101,15 @@ impl WeightSet {
 
     /// Loads one tensor.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, LoadError> {
-        let source = self.entries.get(name).ok_or_else(|| LoadError::TensorMismatch {
-            component: self.component.clone(),
-            missing: vec![name.to_string()],
-            unexpected: vec![],
-            mis_shaped: vec![],
-        })?;
+        let source = self
+            .entries
+            .get(name)
+            .ok_or_else(|| LoadError::TensorMismatch {
+                component: self.component.clone(),
+                missing: vec![name.to_string()],
+                unexpected: vec![],
+                mis_shaped: vec![],
+            })?;
         source.load(dtype, device)
     }
 
@@ -197,12 +202,19 @@ impl candle_nn::var_builder::SimpleBackend for TrackingBackend {
         }
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut state = self.state.lock().expect("tracker lock poisoned");
         match self.set.entries.get(name) {
             Some(source) => {
                 state.used.insert(name.to_string());
-                source.load(dtype, device).map_err(|e| candle_core::Error::Msg(e.to_string()))
+                source
+                    .load(dtype, device)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
             }
             None => {
                 state.missing.insert(name.to_string());

@@ -38,7 +38,13 @@ impl ResnetBlock2D {
             None => None,
         };
         let conv_shortcut = if cin != cout {
-            Some(nn::conv2d(cin, cout, 1, ConvSpec::POINTWISE, vb.pp("conv_shortcut"))?)
+            Some(nn::conv2d(
+                cin,
+                cout,
+                1,
+                ConvSpec::POINTWISE,
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -155,7 +161,10 @@ impl BasicTransformerBlock {
     /// `x`: `[B, T, dim]`, `context`: `[B, S, context_dim]` -> `[B, T, dim]`.
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -194,9 +203,19 @@ impl Transformer2D {
             .collect::<Result<_>>()?;
         Ok(Self {
             norm: GroupNorm::new(spec.groups, spec.channels, 1e-6, vb.pp("norm"))?,
-            proj_in: Projection::new(spec.channels, inner, spec.linear_projection, vb.pp("proj_in"))?,
+            proj_in: Projection::new(
+                spec.channels,
+                inner,
+                spec.linear_projection,
+                vb.pp("proj_in"),
+            )?,
             blocks,
-            proj_out: Projection::new(inner, spec.channels, spec.linear_projection, vb.pp("proj_out"))?,
+            proj_out: Projection::new(
+                inner,
+                spec.channels,
+                spec.linear_projection,
+                vb.pp("proj_out"),
+            )?,
         })
     }
 
@@ -222,13 +241,18 @@ impl Transformer2D {
         let inner = tokens.dim(2)?;
         let out = match &self.proj_out {
             Projection::Conv(c) => {
-                let y = tokens.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?.contiguous()?;
+                let y = tokens
+                    .reshape((b, h, w, inner))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?;
                 c.forward(&y)?
             }
             Projection::Linear(l) => {
                 let y = l.forward(&tokens)?;
                 let c = y.dim(2)?;
-                y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?
+                y.reshape((b, h, w, c))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?
             }
         };
         out + x

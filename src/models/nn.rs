@@ -124,7 +124,12 @@ const ATTENTION_SCORE_BUDGET: usize = 1 << 24;
 /// matrix for all heads is never allocated at once for long sequences.
 ///
 /// `q`: `[B, H, Tq, d]`, `k`, `v`: `[B, H, Tk, d]` -> `[B, H, Tq, d]`.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, h, tq, _) = q.dims4()?;
     let tk = k.dim(2)?;
     let kt = k.transpose(2, 3)?.contiguous()?;

@@ -14,11 +14,20 @@ pub trait Denoiser {
 
     /// `ids`: `[2B, T]` u32 token ids, unconditional rows first. Reports `text_emb`
     /// (and any per-model embeddings) to the observer.
-    fn encode_text(&self, ids: &Tensor, observer: &mut dyn Observer) -> Result<Self::Context, PipelineError>;
+    fn encode_text(
+        &self,
+        ids: &Tensor,
+        observer: &mut dyn Observer,
+    ) -> Result<Self::Context, PipelineError>;
 
     /// `latents`: `[2B, C, h, w]` f32 (already scaled by the sampler), `timesteps`: `[2B]` f32
     /// -> noise prediction `[2B, C, h, w]` f32.
-    fn predict_noise(&self, latents: &Tensor, timesteps: &Tensor, context: &Self::Context) -> Result<Tensor, PipelineError>;
+    fn predict_noise(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        context: &Self::Context,
+    ) -> Result<Tensor, PipelineError>;
 }
 
 /// One Stable Diffusion model: its text encoder and UNet.
@@ -31,7 +40,11 @@ pub struct SingleUNet {
 impl Denoiser for SingleUNet {
     type Context = Tensor;
 
-    fn encode_text(&self, ids: &Tensor, observer: &mut dyn Observer) -> Result<Tensor, PipelineError> {
+    fn encode_text(
+        &self,
+        ids: &Tensor,
+        observer: &mut dyn Observer,
+    ) -> Result<Tensor, PipelineError> {
         let emb = self.text_encoder.forward(ids)?;
         if observer.wants_tensors() {
             observer.tensor("text_emb", &emb)?;
@@ -39,11 +52,18 @@ impl Denoiser for SingleUNet {
         Ok(emb)
     }
 
-    fn predict_noise(&self, latents: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor, PipelineError> {
+    fn predict_noise(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor, PipelineError> {
         let dtype = self.unet.dtype();
-        let eps = self
-            .unet
-            .forward(&latents.to_dtype(dtype)?, timesteps, &context.to_dtype(dtype)?)?;
+        let eps = self.unet.forward(
+            &latents.to_dtype(dtype)?,
+            timesteps,
+            &context.to_dtype(dtype)?,
+        )?;
         Ok(eps.to_dtype(DType::F32)?)
     }
 }

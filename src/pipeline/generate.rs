@@ -4,11 +4,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::PipelineError;
 use super::denoiser::Denoiser;
 use super::noise::BatchNoise;
 use super::params::{BatchRequest, Limits, sampler_display_name};
 use super::png::{PngParameters, encode_png};
-use super::PipelineError;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
 use crate::schedulers::SchedulerConfig;
@@ -92,7 +92,11 @@ impl<D: Denoiser> SdPipeline<D> {
         for (k, text) in negatives.chain(prompts).enumerate() {
             let t = self.tokenizer.encode(text);
             if let Some(w) = self.tokenizer.truncation_warning(&t) {
-                let which = if k < req.images.len() { "negative prompt" } else { "prompt" };
+                let which = if k < req.images.len() {
+                    "negative prompt"
+                } else {
+                    "prompt"
+                };
                 warnings[k % req.images.len()].push(format!("{which}: {w}"));
             }
             rows.push(t.ids);
@@ -104,7 +108,11 @@ impl<D: Denoiser> SdPipeline<D> {
     }
 
     /// Runs one batch. `observer` sees progress and, when it asks, intermediate tensors.
-    pub fn generate(&self, req: &BatchRequest, observer: &mut dyn Observer) -> Result<BatchOutput, PipelineError> {
+    pub fn generate(
+        &self,
+        req: &BatchRequest,
+        observer: &mut dyn Observer,
+    ) -> Result<BatchOutput, PipelineError> {
         let factor = self.vae.scale_factor();
         req.validate(&self.limits, factor)?;
         let b = req.images.len();
@@ -122,7 +130,12 @@ impl<D: Denoiser> SdPipeline<D> {
         let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
         let seeds: Vec<u64> = req.images.iter().map(|i| i.seed).collect();
         let mut noise = BatchNoise::new(&seeds, &self.device);
-        let shape = [b, self.latent_channels(), req.height / factor, req.width / factor];
+        let shape = [
+            b,
+            self.latent_channels(),
+            req.height / factor,
+            req.width / factor,
+        ];
         let initial = match &req.initial_latents {
             Some(l) => l.to_dtype(DType::F32)?.to_device(&self.device)?,
             None => noise.draw(&shape)?,
@@ -130,7 +143,10 @@ impl<D: Denoiser> SdPipeline<D> {
         let timesteps = scheduler.timesteps().to_vec();
         if observer.wants_tensors() {
             observer.tensor("latent_init", &initial)?;
-            observer.tensor("timesteps", &Tensor::new(timesteps.as_slice(), &Device::Cpu)?)?;
+            observer.tensor(
+                "timesteps",
+                &Tensor::new(timesteps.as_slice(), &Device::Cpu)?,
+            )?;
         }
         let mut latents = (initial * scheduler.init_noise_sigma())?;
         let guidance: Vec<f32> = req.images.iter().map(|i| i.guidance_scale as f32).collect();
@@ -157,8 +173,14 @@ impl<D: Denoiser> SdPipeline<D> {
         }
 
         let started = Instant::now();
-        let z = self.vae.unscale_latents(&latents.to_dtype(self.vae_dtype())?)?;
-        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?.clamp(-1f32, 1f32)?;
+        let z = self
+            .vae
+            .unscale_latents(&latents.to_dtype(self.vae_dtype())?)?;
+        let image = self
+            .vae
+            .decode(&z)?
+            .to_dtype(DType::F32)?
+            .clamp(-1f32, 1f32)?;
         timings.decode = started.elapsed();
         if observer.wants_tensors() {
             observer.tensor("image", &image)?;

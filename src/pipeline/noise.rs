@@ -96,7 +96,10 @@ impl BatchNoise {
     /// A `[B, ...]` f32 tensor whose row b comes from image b's generator.
     pub fn draw(&mut self, shape: &[usize]) -> candle_core::Result<Tensor> {
         if shape.first() != Some(&self.rngs.len()) {
-            candle_core::bail!("noise shape {shape:?} does not match a batch of {}", self.rngs.len());
+            candle_core::bail!(
+                "noise shape {shape:?} does not match a batch of {}",
+                self.rngs.len()
+            );
         }
         let per_image: usize = shape[1..].iter().product();
         let mut data = Vec::with_capacity(per_image * self.rngs.len());
@@ -123,7 +126,14 @@ mod tests {
         let mut batch = BatchNoise::new(&[3, 7], &Device::Cpu);
         let a = alone.draw(&[1, 4, 2, 2]).unwrap();
         let b = batch.draw(&[2, 4, 2, 2]).unwrap().narrow(0, 1, 1).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 

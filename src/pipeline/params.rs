@@ -58,20 +58,32 @@ impl BatchRequest {
     /// Checks the request against `limits`; `multiple` is the VAE's downscale factor.
     pub fn validate(&self, limits: &Limits, multiple: usize) -> Result<(), PipelineError> {
         if self.images.is_empty() {
-            return Err(PipelineError::invalid("n", "a batch needs at least one image"));
+            return Err(PipelineError::invalid(
+                "n",
+                "a batch needs at least one image",
+            ));
         }
         if self.images.len() > limits.max_batch {
-            return Err(PipelineError::invalid("n", format!("at most {} images per batch", limits.max_batch)));
+            return Err(PipelineError::invalid(
+                "n",
+                format!("at most {} images per batch", limits.max_batch),
+            ));
         }
         for (field, side) in [("width", self.width), ("height", self.height)] {
             if side < limits.min_side || side > limits.max_side {
                 return Err(PipelineError::invalid(
                     field,
-                    format!("{side} is outside {}..={}", limits.min_side, limits.max_side),
+                    format!(
+                        "{side} is outside {}..={}",
+                        limits.min_side, limits.max_side
+                    ),
                 ));
             }
             if side % multiple != 0 {
-                return Err(PipelineError::invalid(field, format!("{side} is not a multiple of {multiple}")));
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("{side} is not a multiple of {multiple}"),
+                ));
             }
         }
         if self.width * self.height > limits.max_pixels {
@@ -84,7 +96,10 @@ impl BatchRequest {
             ));
         }
         if self.steps == 0 || self.steps > limits.max_steps {
-            return Err(PipelineError::invalid("steps", format!("{} is outside 1..={}", self.steps, limits.max_steps)));
+            return Err(PipelineError::invalid(
+                "steps",
+                format!("{} is outside 1..={}", self.steps, limits.max_steps),
+            ));
         }
         for image in &self.images {
             let g = image.guidance_scale;
@@ -95,7 +110,10 @@ impl BatchRequest {
                 ));
             }
             if image.prompt.len() > limits.max_prompt_bytes {
-                return Err(PipelineError::invalid("prompt", format!("longer than {} bytes", limits.max_prompt_bytes)));
+                return Err(PipelineError::invalid(
+                    "prompt",
+                    format!("longer than {} bytes", limits.max_prompt_bytes),
+                ));
             }
             if image.negative_prompt.len() > limits.max_prompt_bytes {
                 return Err(PipelineError::invalid(
@@ -110,7 +128,10 @@ impl BatchRequest {
             if dims.len() != 4 || dims[0] != self.images.len() || dims[2] != h || dims[3] != w {
                 return Err(PipelineError::invalid(
                     "latents",
-                    format!("shape {dims:?} does not fit {} images of {h}x{w} latents", self.images.len()),
+                    format!(
+                        "shape {dims:?} does not fit {} images of {h}x{w} latents",
+                        self.images.len()
+                    ),
                 ));
             }
         }

@@ -26,7 +26,13 @@ impl PngParameters<'_> {
         }
         s.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-            self.steps, self.sampler, self.guidance_scale, self.seed, self.width, self.height, self.model
+            self.steps,
+            self.sampler,
+            self.guidance_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.model
         ));
         s
     }
@@ -34,14 +40,20 @@ impl PngParameters<'_> {
 
 /// Encodes 8-bit RGB pixels (`width * height * 3` bytes, row-major) as PNG with the
 /// parameters chunk (tEXt when Latin-1 encodable, else iTXt, as PIL does).
-pub fn encode_png(rgb: &[u8], width: usize, height: usize, params: &PngParameters) -> Result<Vec<u8>, PipelineError> {
+pub fn encode_png(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    params: &PngParameters,
+) -> Result<Vec<u8>, PipelineError> {
     if rgb.len() != width * height * 3 {
         return Err(PipelineError::Internal(format!(
             "{} bytes do not make a {width}x{height} RGB image",
             rgb.len()
         )));
     }
-    let png_err = |e: png::EncodingError| PipelineError::Internal(format!("PNG encoding failed: {e}"));
+    let png_err =
+        |e: png::EncodingError| PipelineError::Internal(format!("PNG encoding failed: {e}"));
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
@@ -49,9 +61,11 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize, params: &PngParameter
         enc.set_depth(png::BitDepth::Eight);
         let text = params.to_a1111_text();
         if text.chars().all(|c| (c as u32) < 256) {
-            enc.add_text_chunk("parameters".into(), text).map_err(png_err)?;
+            enc.add_text_chunk("parameters".into(), text)
+                .map_err(png_err)?;
         } else {
-            enc.add_itxt_chunk("parameters".into(), text).map_err(png_err)?;
+            enc.add_itxt_chunk("parameters".into(), text)
+                .map_err(png_err)?;
         }
         let mut writer = enc.write_header().map_err(png_err)?;
         writer.write_image_data(rgb).map_err(png_err)?;
@@ -94,7 +108,9 @@ mod tests {
                 .collect();
             assert_eq!(text.len(), 1);
             assert!(text[0].starts_with(prompt));
-            assert!(text[0].contains("Negative prompt: blurry\nSteps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 42"));
+            assert!(text[0].contains(
+                "Negative prompt: blurry\nSteps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 42"
+            ));
         }
     }
 

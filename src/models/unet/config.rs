@@ -32,14 +32,24 @@ fn default_block_out() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
 fn default_down() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_up() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn one(v: usize) -> PerBlock {
     PerBlock::One(v)
@@ -208,10 +218,12 @@ impl UNetConfig {
                 return Err(bad(format!("up block type {t} is not supported")));
             }
         }
-        if let Some(m) = &self.mid_block_type {
-            if m != "UNetMidBlock2DCrossAttn" {
-                return Err(bad(format!("mid block type {m} is not supported")));
-            }
+        if let Some(m) = self
+            .mid_block_type
+            .as_ref()
+            .filter(|m| *m != "UNetMidBlock2DCrossAttn")
+        {
+            return Err(bad(format!("mid block type {m} is not supported")));
         }
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
@@ -221,18 +233,31 @@ impl UNetConfig {
             ("dual_cross_attention", self.dual_cross_attention),
             (
                 "only_cross_attention",
-                !matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)),
+                !matches!(
+                    self.only_cross_attention,
+                    serde_json::Value::Null | serde_json::Value::Bool(false)
+                ),
             ),
             (
                 "resnet_time_scale_shift",
-                self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default"),
+                self.resnet_time_scale_shift
+                    .as_deref()
+                    .is_some_and(|s| s != "default"),
             ),
             (
                 "time_embedding_type",
-                self.time_embedding_type.as_deref().is_some_and(|s| s != "positional"),
+                self.time_embedding_type
+                    .as_deref()
+                    .is_some_and(|s| s != "positional"),
             ),
-            ("conv_in_kernel", self.conv_in_kernel.is_some_and(|k| k != 3)),
-            ("conv_out_kernel", self.conv_out_kernel.is_some_and(|k| k != 3)),
+            (
+                "conv_in_kernel",
+                self.conv_in_kernel.is_some_and(|k| k != 3),
+            ),
+            (
+                "conv_out_kernel",
+                self.conv_out_kernel.is_some_and(|k| k != 3),
+            ),
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
             return Err(bad(format!("option {name} is not supported")));
@@ -240,12 +265,13 @@ impl UNetConfig {
         for (name, v) in [
             ("attention_head_dim", Some(&self.attention_head_dim)),
             ("num_attention_heads", self.num_attention_heads.as_ref()),
-            ("transformer_layers_per_block", Some(&self.transformer_layers_per_block)),
+            (
+                "transformer_layers_per_block",
+                Some(&self.transformer_layers_per_block),
+            ),
         ] {
-            if let Some(v) = v {
-                if !v.len_ok(n) {
-                    return Err(bad(format!("{name} must have one entry per block ({n})")));
-                }
+            if v.is_some_and(|v| !v.len_ok(n)) {
+                return Err(bad(format!("{name} must have one entry per block ({n})")));
             }
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
@@ -257,7 +283,9 @@ impl UNetConfig {
             }
             let heads = self.heads(i);
             if heads == 0 || c % heads != 0 {
-                return Err(bad(format!("block {i}: {c} channels do not split into {heads} heads")));
+                return Err(bad(format!(
+                    "block {i}: {c} channels do not split into {heads} heads"
+                )));
             }
         }
         if self.layers_per_block == 0 {
@@ -293,8 +321,14 @@ mod tests {
     #[test]
     fn unsupported_options_are_named() {
         let c: UNetConfig = serde_json::from_str(r#"{"class_embed_type": "timestep"}"#).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("class_embed_type"));
-        let c: UNetConfig = serde_json::from_str(r#"{"down_block_types": ["X","Y","Z","W"]}"#).unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("class_embed_type")
+        );
+        let c: UNetConfig =
+            serde_json::from_str(r#"{"down_block_types": ["X","Y","Z","W"]}"#).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("X"));
     }
 }

@@ -8,30 +8,40 @@ use crate::models::blocks::{
 };
 use crate::models::nn::{self, Conv2d, ConvSpec, GroupNorm};
 
+/// diffusers `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet.
+#[derive(Debug, Clone)]
+pub struct MidBlock {
+    resnet_0: ResnetBlock2D,
+    attention: Transformer2D,
+    resnet_1: ResnetBlock2D,
+}
+
+/// A down or up layer: resnet, optional transformer, optional upsampler (last up layer).
+#[derive(Debug, Clone)]
+pub struct ResnetLayer {
+    resnet: ResnetBlock2D,
+    attention: Option<Transformer2D>,
+    upsampler: Option<Upsample2D>,
+}
+
 /// The modules of one layer.
 #[derive(Debug, Clone)]
 pub enum LayerModule {
     ConvIn(Conv2d),
-    Resnet {
-        resnet: ResnetBlock2D,
-        attention: Option<Transformer2D>,
-        upsampler: Option<Upsample2D>,
-    },
+    Resnet(Box<ResnetLayer>),
     Downsample(Downsample2D),
-    Mid {
-        resnet_0: ResnetBlock2D,
-        attention: Transformer2D,
-        resnet_1: ResnetBlock2D,
-    },
-    Head {
-        norm: GroupNorm,
-        conv: Conv2d,
-    },
+    Mid(Box<MidBlock>),
+    Head { norm: GroupNorm, conv: Conv2d },
 }
 
 impl LayerModule {
     /// Runs the layer; see `StagedUNet::run_layer`.
-    pub fn forward(&self, input: &LayerInput, cond: &Conditioning, center_input: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input: &LayerInput,
+        cond: &Conditioning,
+        center_input: bool,
+    ) -> Result<Tensor> {
         match self {
             LayerModule::ConvIn(conv) => {
                 if center_input {
@@ -40,11 +50,12 @@ impl LayerModule {
                     conv.forward(input.hidden)
                 }
             }
-            LayerModule::Resnet {
-                resnet,
-                attention,
-                upsampler,
-            } => {
+            LayerModule::Resnet(layer) => {
+                let ResnetLayer {
+                    resnet,
+                    attention,
+                    upsampler,
+                } = layer.as_ref();
                 let x = match input.skip {
                     Some(skip) => Tensor::cat(&[input.hidden, skip], 1)?,
                     None => input.hidden.clone(),
@@ -59,14 +70,10 @@ impl LayerModule {
                 Ok(h)
             }
             LayerModule::Downsample(down) => down.forward(input.hidden),
-            LayerModule::Mid {
-                resnet_0,
-                attention,
-                resnet_1,
-            } => {
-                let h = resnet_0.forward(input.hidden, Some(cond.temb))?;
-                let h = attention.forward(&h, cond.context)?;
-                resnet_1.forward(&h, Some(cond.temb))
+            LayerModule::Mid(mid) => {
+                let h = mid.resnet_0.forward(input.hidden, Some(cond.temb))?;
+                let h = mid.attention.forward(&h, cond.context)?;
+                mid.resnet_1.forward(&h, Some(cond.temb))
             }
             LayerModule::Head { norm, conv } => conv.forward(&norm.forward(input.hidden)?.silu()?),
         }
@@ -126,7 +133,11 @@ pub fn layer_plan(cfg: &UNetConfig) -> Vec<LayerInfo> {
 }
 
 /// Builds the modules of every layer of `plan`.
-pub(super) fn build_modules(cfg: &UNetConfig, plan: &[LayerInfo], vb: &VarBuilder) -> Result<Vec<LayerModule>> {
+pub(super) fn build_modules(
+    cfg: &UNetConfig,
+    plan: &[LayerInfo],
+    vb: &VarBuilder,
+) -> Result<Vec<LayerModule>> {
     let b = Builder { cfg };
     plan.iter().map(|info| b.module(info, vb)).collect()
 }
@@ -178,20 +189,29 @@ impl Builder<'_> {
             )?),
             UNetLayer::Down { block, layer } => {
                 let cout = channels[block];
-                let cin = if layer > 0 || block == 0 { cout } else { channels[block - 1] };
+                let cin = if layer > 0 || block == 0 {
+                    cout
+                } else {
+                    channels[block - 1]
+                };
                 let bvb = vb.pp(format!("down_blocks.{block}"));
-                let resnet = ResnetBlock2D::new(self.resnet_spec(cin, cout), bvb.pp(format!("resnets.{layer}")))?;
+                let resnet = ResnetBlock2D::new(
+                    self.resnet_spec(cin, cout),
+                    bvb.pp(format!("resnets.{layer}")),
+                )?;
                 let attention = match self.cfg.down_kind(block) {
-                    BlockKind::CrossAttention => {
-                        Some(self.transformer(cout, block, bvb.pp(format!("attentions.{layer}")))?)
-                    }
+                    BlockKind::CrossAttention => Some(self.transformer(
+                        cout,
+                        block,
+                        bvb.pp(format!("attentions.{layer}")),
+                    )?),
                     BlockKind::Plain => None,
                 };
-                LayerModule::Resnet {
+                LayerModule::Resnet(Box::new(ResnetLayer {
                     resnet,
                     attention,
                     upsampler: None,
-                }
+                }))
             }
             UNetLayer::Downsample { block } => LayerModule::Downsample(Downsample2D::new(
                 channels[block],
@@ -203,11 +223,11 @@ impl Builder<'_> {
                 let mut spec = self.resnet_spec(c, c);
                 spec.output_scale_factor = self.cfg.mid_block_scale_factor;
                 let mvb = vb.pp("mid_block");
-                LayerModule::Mid {
+                LayerModule::Mid(Box::new(MidBlock {
                     resnet_0: ResnetBlock2D::new(spec, mvb.pp("resnets.0"))?,
                     attention: self.transformer(c, n - 1, mvb.pp("attentions.0"))?,
                     resnet_1: ResnetBlock2D::new(spec, mvb.pp("resnets.1"))?,
-                }
+                }))
             }
             UNetLayer::Up { block, layer } => {
                 let down_index = n - 1 - block;
@@ -223,9 +243,11 @@ impl Builder<'_> {
                     bvb.pp(format!("resnets.{layer}")),
                 )?;
                 let attention = match self.cfg.up_kind(block) {
-                    BlockKind::CrossAttention => {
-                        Some(self.transformer(out_c, down_index, bvb.pp(format!("attentions.{layer}")))?)
-                    }
+                    BlockKind::CrossAttention => Some(self.transformer(
+                        out_c,
+                        down_index,
+                        bvb.pp(format!("attentions.{layer}")),
+                    )?),
                     BlockKind::Plain => None,
                 };
                 let upsampler = if info.upsamples {
@@ -233,15 +255,26 @@ impl Builder<'_> {
                 } else {
                     None
                 };
-                LayerModule::Resnet {
+                LayerModule::Resnet(Box::new(ResnetLayer {
                     resnet,
                     attention,
                     upsampler,
-                }
+                }))
             }
             UNetLayer::Head => LayerModule::Head {
-                norm: GroupNorm::new(self.cfg.norm_num_groups, c0, self.cfg.norm_eps, vb.pp("conv_norm_out"))?,
-                conv: nn::conv2d(c0, self.cfg.out_channels, 3, ConvSpec::SAME3, vb.pp("conv_out"))?,
+                norm: GroupNorm::new(
+                    self.cfg.norm_num_groups,
+                    c0,
+                    self.cfg.norm_eps,
+                    vb.pp("conv_norm_out"),
+                )?,
+                conv: nn::conv2d(
+                    c0,
+                    self.cfg.out_channels,
+                    3,
+                    ConvSpec::SAME3,
+                    vb.pp("conv_out"),
+                )?,
             },
         })
     }

@@ -21,13 +21,21 @@ use super::nn::{self, Linear};
 pub enum UNetLayer {
     ConvIn,
     /// Resnet `layer` (+ its transformer) of down block `block`.
-    Down { block: usize, layer: usize },
+    Down {
+        block: usize,
+        layer: usize,
+    },
     /// The downsampler of down block `block`.
-    Downsample { block: usize },
+    Downsample {
+        block: usize,
+    },
     Mid,
     /// Layer `layer` of up block `block`: concatenated skip, resnet, transformer, and on the last
     /// layer of a block the upsampler.
-    Up { block: usize, layer: usize },
+    Up {
+        block: usize,
+        layer: usize,
+    },
     /// conv_norm_out, SiLU, conv_out.
     Head,
 }
@@ -100,11 +108,9 @@ impl SkipStack {
     /// Pops the skip a layer needs and, for an upsampling layer, the size of the next skip.
     pub fn take(&mut self, info: &LayerInfo) -> Result<SkipTake> {
         let skip = if info.pops_skip {
-            Some(
-                self.skips
-                    .pop()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("skip stack empty at {:?}", info.layer)))?,
-            )
+            Some(self.skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg(format!("skip stack empty at {:?}", info.layer))
+            })?)
         } else {
             None
         };
@@ -136,7 +142,9 @@ impl TimeEmbedding {
         // Computed in f32 exactly as diffusers' get_timestep_embedding does.
         let denom = half as f32 - cfg.freq_shift as f32;
         let log_max = -(10000f64.ln() as f32);
-        let frequencies = (0..half).map(|i| (log_max * i as f32 / denom).exp()).collect();
+        let frequencies = (0..half)
+            .map(|i| (log_max * i as f32 / denom).exp())
+            .collect();
         Ok(Self {
             linear_1: nn::linear(c0, temb, true, vb.pp("linear_1"))?,
             linear_2: nn::linear(temb, temb, true, vb.pp("linear_2"))?,
@@ -148,7 +156,11 @@ impl TimeEmbedding {
     /// `timesteps`: `[B]` -> `[B, temb_channels]`.
     fn forward(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
         let b = timesteps.dim(0)?;
-        let freqs = Tensor::from_slice(&self.frequencies, (1, self.frequencies.len()), timesteps.device())?;
+        let freqs = Tensor::from_slice(
+            &self.frequencies,
+            (1, self.frequencies.len()),
+            timesteps.device(),
+        )?;
         let angles = timesteps
             .to_dtype(DType::F32)?
             .reshape((b, 1))?
@@ -211,7 +223,12 @@ impl StagedUNet {
 
     /// Runs layer `index` of the plan. Shapes: `input.hidden` `[B, C_in, H, W]` ->
     /// `[B, plan[index].out_channels, H', W']`.
-    pub fn run_layer(&self, index: usize, input: &LayerInput, cond: &Conditioning) -> Result<Tensor> {
+    pub fn run_layer(
+        &self,
+        index: usize,
+        input: &LayerInput,
+        cond: &Conditioning,
+    ) -> Result<Tensor> {
         let module = self
             .modules
             .get(index)
@@ -223,7 +240,10 @@ impl StagedUNet {
     /// `context`: `[B, S, cross_attention_dim]` -> noise prediction `[B, out_channels, h, w]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
         let temb = self.time_embedding(timesteps)?;
-        let cond = Conditioning { temb: &temb, context };
+        let cond = Conditioning {
+            temb: &temb,
+            context,
+        };
         let mut skips = SkipStack::default();
         let mut hidden = sample.clone();
         for (i, info) in self.plan.iter().enumerate() {

@@ -1,0 +1,278 @@
+//! `afa generate`: load one model, run one batch, write PNGs (and optional `.npy` dumps).
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{DeviceArg, DtypeArg, GenerateArgs};
+use crate::loading::checkpoint::{LoadedModel, ModelSource, load_model};
+use crate::loading::embedded::{EMBEDDED_MODEL_NAME, materialize_embedded_model};
+use crate::pipeline::{
+    BatchRequest, ImageSpec, Limits, Observer, PipelineError, SdPipeline, SingleUNet,
+};
+
+/// Default size of the embedded tiny model, and of real SD1.5 models.
+const TINY_SIDE: usize = 128;
+const SD15_SIDE: usize = 512;
+
+/// Runs `afa generate`.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let device = select_device(args.device)?;
+    let dtype = match args.dtype {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!(
+            "--dtype bf16 needs a GPU: candle has no bf16 matrix multiply on CPU (use f32 or f16)"
+        );
+    }
+    let embedded = args.model.is_none();
+    let (model_path, model_name) = match &args.model {
+        Some(p) => (p.clone(), display_name(p)),
+        None => {
+            let dir = materialize_embedded_model(&crate::config::cache_root())
+                .context("writing the embedded model to the cache folder")?;
+            eprintln!(
+                "note: no --model given, using the {EMBEDDED_MODEL_NAME}: its weights are random, so it draws noise"
+            );
+            (dir, EMBEDDED_MODEL_NAME.to_string())
+        }
+    };
+    if !args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        bail!("--out must name a .png file, got {}", args.out.display());
+    }
+    let source = ModelSource {
+        model: model_path,
+        model_config: args.model_config.clone(),
+        vae: args.vae.clone(),
+        tokenizer: args.tokenizer.clone(),
+    };
+    let LoadedModel {
+        unet,
+        text_encoder,
+        vae,
+        tokenizer,
+        scheduler,
+    } = load_model(&source, dtype, &device)?;
+    let pipeline = SdPipeline {
+        tokenizer,
+        denoiser: SingleUNet { text_encoder, unet },
+        vae,
+        scheduler_config: scheduler,
+        device: device.clone(),
+        model_name,
+        limits: Limits::default(),
+    };
+    let request = build_request(args, embedded, &device)?;
+    let mut observer = CliObserver::new(args, request.steps)?;
+    let output = pipeline
+        .generate(&request, &mut observer)
+        .map_err(|e| match e {
+            PipelineError::Invalid { field, reason } => {
+                anyhow::anyhow!("invalid --{}: {reason}", flag_of(field))
+            }
+            other => anyhow::Error::new(other),
+        })?;
+    observer.finish();
+    let paths = output_paths(&args.out, output.images.len());
+    for (image, path) in output.images.iter().zip(&paths) {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(path, &image.png).with_context(|| format!("writing {}", path.display()))?;
+        for w in &image.warnings {
+            eprintln!("warning: {w}");
+        }
+        println!("{} (seed {})", path.display(), image.seed);
+    }
+    let t = output.timings;
+    eprintln!(
+        "timings: text {:.2}s, denoise {:.2}s, decode {:.2}s, png {:.2}s",
+        t.text_encode.as_secs_f64(),
+        t.denoise.as_secs_f64(),
+        t.decode.as_secs_f64(),
+        t.png_encode.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The CLI flag for a pipeline field name.
+fn flag_of(field: &str) -> String {
+    match field {
+        "guidance_scale" => "guidance".into(),
+        "n" => "batch".into(),
+        other => other.replace('_', "-"),
+    }
+}
+
+fn display_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            Device::new_cuda(0).context("--device cuda (was afa built with --features cuda?)")
+        }
+        DeviceArg::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+    }
+}
+
+fn build_request(
+    args: &GenerateArgs,
+    embedded: bool,
+    device: &Device,
+) -> anyhow::Result<BatchRequest> {
+    let side = if embedded { TINY_SIDE } else { SD15_SIDE };
+    let initial_latents = match &args.latents {
+        Some(path) => Some(
+            crate::npy::read(path)?
+                .to_tensor(device)
+                .with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let batch = match &initial_latents {
+        Some(l) if args.batch != 1 && args.batch != l.dim(0)? => {
+            bail!(
+                "--batch {} does not match the {} latents in --latents",
+                args.batch,
+                l.dim(0)?
+            )
+        }
+        Some(l) => l.dim(0)?,
+        None => args.batch,
+    };
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let first_seed = args.seed.unwrap_or_else(random_seed);
+    let images = (0..batch)
+        .map(|i| ImageSpec {
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            seed: first_seed.wrapping_add(i as u64),
+            guidance_scale: args.guidance,
+        })
+        .collect();
+    Ok(BatchRequest {
+        images,
+        width: args.width.unwrap_or(side),
+        height: args.height.unwrap_or(side),
+        steps: args.steps,
+        scheduler: args.scheduler,
+        initial_latents,
+    })
+}
+
+/// A seed from the clock and process id, for runs without `--seed` (it is printed back).
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut rng = crate::pipeline::ImageRng::new(nanos ^ ((std::process::id() as u64) << 32));
+    rng.next_u64() >> 1
+}
+
+/// `out.png` for one image, else `out-0.png`, `out-1.png`, ...
+fn output_paths(out: &Path, count: usize) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = out
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (0..count)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}
+
+/// Progress bar plus optional `.npy` dumps.
+struct CliObserver {
+    bar: Option<ProgressBar>,
+    dump: Option<PathBuf>,
+}
+
+impl CliObserver {
+    fn new(args: &GenerateArgs, steps: usize) -> anyhow::Result<Self> {
+        if let Some(dir) = &args.dump {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let bar = (!args.quiet).then(|| {
+            let bar = ProgressBar::new(steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Ok(Self {
+            bar,
+            dump: args.dump.clone(),
+        })
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for CliObserver {
+    fn wants_tensors(&self) -> bool {
+        self.dump.is_some()
+    }
+
+    fn tensor(&mut self, name: &str, value: &Tensor) -> Result<(), PipelineError> {
+        let Some(dir) = &self.dump else { return Ok(()) };
+        let path = dir.join(format!("{name}.npy"));
+        let io = |e: crate::npy::NpyError| PipelineError::Internal(format!("--dump: {e}"));
+        if value.dtype() == DType::I64 {
+            let v = value.flatten_all()?.to_vec1::<i64>()?;
+            crate::npy::write_i64(&path, value.dims(), &v).map_err(io)
+        } else {
+            crate::npy::write_tensor(&path, value).map_err(io)
+        }
+    }
+
+    fn step(&mut self, done: usize, _total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_outputs_get_suffixes() {
+        assert_eq!(
+            output_paths(Path::new("a/out.png"), 1),
+            vec![PathBuf::from("a/out.png")]
+        );
+        assert_eq!(
+            output_paths(Path::new("a/out.png"), 2),
+            vec![PathBuf::from("a/out-0.png"), PathBuf::from("a/out-1.png")]
+        );
+    }
+}

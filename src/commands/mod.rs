@@ -1,0 +1,2 @@
+//! What each subcommand does, between the parsed command line (`cli`) and the library layers.
+pub mod generate;
