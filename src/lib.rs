@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod ensemble;
 pub mod loading;
 pub mod models;
 pub mod npy;

@@ -101,6 +101,7 @@ fn reference_request(kind: SchedulerKind, latents: Option<Tensor>) -> BatchReque
         steps: meta["steps"].as_u64().unwrap() as usize,
         scheduler: kind,
         initial_latents: latents,
+        attention_maps: afa::pipeline::MapsRequest::Off,
     }
 }
 

@@ -173,6 +173,7 @@ fn build_request(
         steps: args.steps,
         scheduler: args.scheduler,
         initial_latents,
+        attention_maps: crate::pipeline::MapsRequest::Off,
     })
 }
 

@@ -18,6 +18,7 @@ use super::single_file::{
 };
 use super::tokenizer_files::BpeVocab;
 use super::weights::{WeightSet, WeightSource};
+use crate::models::SingleUNet;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{StagedUNet, UNetConfig};
@@ -49,6 +50,7 @@ pub struct LoadedModel {
 }
 
 /// Configs of the three networks.
+#[derive(Debug, Clone)]
 struct Configs {
     unet: UNetConfig,
     vae: VaeConfig,
@@ -56,10 +58,21 @@ struct Configs {
 }
 
 /// Weight sets of the three networks, under diffusers names.
+#[derive(Debug, Clone)]
 struct Weights {
     unet: WeightSet,
     vae: WeightSet,
     text: WeightSet,
+}
+
+/// A model's files opened and checked against its configs, not yet built.
+#[derive(Debug, Clone)]
+pub struct OpenedModel {
+    configs: Configs,
+    weights: Weights,
+    /// Folder holding `tokenizer/` and `scheduler/` when there is one.
+    config_dir: Option<PathBuf>,
+    tokenizer_dir: Option<PathBuf>,
 }
 
 /// Loads a model from `source` in `dtype` onto `device`.
@@ -68,6 +81,11 @@ pub fn load_model(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel, LoadError> {
+    open_model(source)?.build(dtype, device)
+}
+
+/// Opens the files of `source` (configs parsed and validated, weights mapped, nothing built).
+pub fn open_model(source: &ModelSource) -> Result<OpenedModel, LoadError> {
     let path = &source.model;
     refuse_pickle(path)?;
     let (configs, mut weights, config_dir) = if is_pipeline_folder(path) {
@@ -95,51 +113,208 @@ pub fn load_model(
     if let Some(vae) = &source.vae {
         weights.vae = open_vae_file(vae, &configs)?;
     }
-    let tokenizer_dir = source.tokenizer.clone().or_else(|| {
-        config_dir
-            .as_ref()
-            .map(|d| d.join("tokenizer"))
-            .filter(|d| d.is_dir())
-    });
-    let vocab = match tokenizer_dir {
-        Some(dir) => BpeVocab::from_dir(&dir)?,
-        None => BpeVocab::embedded_default()?,
-    };
-    let scheduler = match config_dir.map(|d| d.join("scheduler").join("scheduler_config.json")) {
-        Some(p) if p.is_file() => {
-            let text = std::fs::read_to_string(&p).map_err(|e| LoadError::io(&p, e))?;
-            SchedulerConfig::from_json(&text).map_err(|e| LoadError::format(&p, e.to_string()))?
-        }
-        _ => SchedulerConfig::default(),
-    };
-    build_models(&configs, &weights, dtype, device).map(|(unet, text_encoder, vae)| LoadedModel {
-        unet,
-        text_encoder,
-        vae,
-        tokenizer: ClipTokenizer::new(vocab),
-        scheduler,
+    Ok(OpenedModel {
+        configs,
+        weights,
+        config_dir,
+        tokenizer_dir: source.tokenizer.clone(),
     })
 }
 
-/// Builds the networks, reporting every tensor problem of a component at once.
-fn build_models(
-    configs: &Configs,
-    weights: &Weights,
+/// Opens expert `index` of an official AFA folder: expert 0 is the folder's own `unet/` and
+/// `text_encoder/`, expert i > 0 is `additional_unet_{i}/` and `additional_text_encoder_{i}/`;
+/// the VAE, tokenizer and scheduler are the folder's.
+pub fn open_official_expert(dir: &Path, index: usize) -> Result<OpenedModel, LoadError> {
+    let (unet_dir, text_dir) = if index == 0 {
+        ("unet".to_string(), "text_encoder".to_string())
+    } else {
+        (
+            format!("additional_unet_{index}"),
+            format!("additional_text_encoder_{index}"),
+        )
+    };
+    let part = |sub: &str, component| -> Result<(ComponentFolder, PathBuf), LoadError> {
+        let d = dir.join(sub);
+        Ok((
+            open_component(&d, sub, normalizer(component))?,
+            d.join("config.json"),
+        ))
+    };
+    let (unet, up) = part(&unet_dir, Component::Unet)?;
+    let (vae, vp) = part("vae", Component::Vae)?;
+    let (text, tp) = part(&text_dir, Component::TextEncoder)?;
+    let configs = Configs {
+        unet: parse_config(&unet.config, &up)?,
+        vae: parse_config(&vae.config, &vp)?,
+        text: parse_config(&text.config, &tp)?,
+    };
+    validate_configs(&configs, dir)?;
+    Ok(OpenedModel {
+        configs,
+        weights: Weights {
+            unet: unet.weights,
+            vae: vae.weights,
+            text: text.weights,
+        },
+        config_dir: Some(dir.to_path_buf()),
+        tokenizer_dir: None,
+    })
+}
+
+impl OpenedModel {
+    /// The UNet's config.
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.configs.unet
+    }
+
+    /// The text encoder's config.
+    pub fn text_config(&self) -> &ClipTextConfig {
+        &self.configs.text
+    }
+
+    /// Content hash of the UNet and text-encoder weight files (identifies a member).
+    pub fn weight_hash(&self) -> String {
+        let mut hashes: Vec<String> = self
+            .weights
+            .unet
+            .files()
+            .iter()
+            .chain(self.weights.text.files().iter())
+            .map(|f| f.content_hash())
+            .collect();
+        hashes.dedup();
+        if hashes.len() == 1 {
+            hashes.remove(0)
+        } else {
+            format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(hashes.join(",").as_bytes())
+            )
+        }
+    }
+
+    /// Builds every part.
+    pub fn build(&self, dtype: DType, device: &Device) -> Result<LoadedModel, LoadError> {
+        let SingleUNet { unet, text_encoder } = self.build_denoiser(dtype, device)?;
+        let vae = self.build_vae(dtype, device)?;
+        Ok(LoadedModel {
+            unet,
+            text_encoder,
+            vae,
+            tokenizer: self.tokenizer()?,
+            scheduler: self.scheduler_config()?,
+        })
+    }
+
+    /// Builds the UNet and text encoder, reporting every tensor problem of a component at once.
+    pub fn build_denoiser(&self, dtype: DType, device: &Device) -> Result<SingleUNet, LoadError> {
+        let model_err = |e: crate::models::ModelError| candle_core::Error::Msg(e.to_string());
+        let unet = self.weights.unet.build(dtype, device, |vb| {
+            StagedUNet::new(&self.configs.unet, vb).map_err(model_err)
+        })?;
+        let text_encoder = self.weights.text.build(dtype, device, |vb| {
+            ClipTextModel::new(&self.configs.text, vb)
+        })?;
+        Ok(SingleUNet { text_encoder, unet })
+    }
+
+    /// Builds the VAE.
+    pub fn build_vae(&self, dtype: DType, device: &Device) -> Result<AutoencoderKL, LoadError> {
+        self.weights.vae.build(dtype, device, |vb| {
+            AutoencoderKL::new(&self.configs.vae, vb)
+        })
+    }
+
+    /// The tokenizer: the configured folder, the model's `tokenizer/`, or the embedded CLIP one.
+    pub fn tokenizer(&self) -> Result<ClipTokenizer, LoadError> {
+        let dir = self.tokenizer_dir.clone().or_else(|| {
+            self.config_dir
+                .as_ref()
+                .map(|d| d.join("tokenizer"))
+                .filter(|d| d.is_dir())
+        });
+        let vocab = match dir {
+            Some(dir) => BpeVocab::from_dir(&dir)?,
+            None => BpeVocab::embedded_default()?,
+        };
+        Ok(ClipTokenizer::new(vocab))
+    }
+
+    /// The model's `scheduler/scheduler_config.json`, or SD1.5's settings.
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig, LoadError> {
+        match self
+            .config_dir
+            .as_ref()
+            .map(|d| d.join("scheduler").join("scheduler_config.json"))
+        {
+            Some(p) if p.is_file() => {
+                let text = std::fs::read_to_string(&p).map_err(|e| LoadError::io(&p, e))?;
+                SchedulerConfig::from_json(&text).map_err(|e| LoadError::format(&p, e.to_string()))
+            }
+            _ => Ok(SchedulerConfig::default()),
+        }
+    }
+}
+
+/// The weighted parameter average of `models`' UNets and text encoders (the `merge`
+/// baseline): theta = sum_n w_n theta_n over every tensor. Weights are normalised to sum to 1.
+pub fn merge_models(
+    models: &[&OpenedModel],
+    weights: &[f64],
     dtype: DType,
     device: &Device,
-) -> Result<(StagedUNet, ClipTextModel, AutoencoderKL), LoadError> {
-    let model_err = |e: crate::models::ModelError| candle_core::Error::Msg(e.to_string());
-    let unet = weights.unet.build(dtype, device, |vb| {
-        StagedUNet::new(&configs.unet, vb).map_err(model_err)
-    })?;
-    let text = weights
-        .text
-        .build(dtype, device, |vb| ClipTextModel::new(&configs.text, vb))?;
-    let vae = weights
-        .vae
-        .build(dtype, device, |vb| AutoencoderKL::new(&configs.vae, vb))?;
-    Ok((unet, text, vae))
+) -> Result<SingleUNet, LoadError> {
+    let first = models
+        .first()
+        .ok_or_else(|| LoadError::format(Path::new("merge"), "no models to merge"))?;
+    let total: f64 = weights.iter().sum();
+    if weights.len() != models.len()
+        || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
+        || total <= 0.0
+    {
+        return Err(LoadError::format(
+            Path::new("merge"),
+            format!(
+                "{} merge weights for {} members; they must be non-negative with a positive sum",
+                weights.len(),
+                models.len()
+            ),
+        ));
+    }
+    let average = |sets: Vec<&WeightSet>| -> Result<WeightSetAverage, LoadError> {
+        let mut out = HashMap::new();
+        for name in sets[0].names() {
+            let mut acc: Option<candle_core::Tensor> = None;
+            for (set, w) in sets.iter().zip(weights) {
+                let t = (set.load(name, DType::F32, &Device::Cpu)? * (w / total))?;
+                acc = Some(match acc {
+                    None => t,
+                    Some(a) => (a + t)?,
+                });
+            }
+            if let Some(t) = acc {
+                out.insert(name.to_string(), t.to_dtype(dtype)?.to_device(device)?);
+            }
+        }
+        Ok(out)
+    };
+    let unet = average(models.iter().map(|m| &m.weights.unet).collect())?;
+    let text = average(models.iter().map(|m| &m.weights.text).collect())?;
+    let model_err =
+        |e: crate::models::ModelError| LoadError::format(Path::new("merge"), e.to_string());
+    let unet = StagedUNet::new(
+        &first.configs.unet,
+        candle_nn::VarBuilder::from_tensors(unet, dtype, device),
+    )
+    .map_err(model_err)?;
+    let text_encoder = ClipTextModel::new(
+        &first.configs.text,
+        candle_nn::VarBuilder::from_tensors(text, dtype, device),
+    )?;
+    Ok(SingleUNet { text_encoder, unet })
 }
+
+type WeightSetAverage = HashMap<String, candle_core::Tensor>;
 
 fn parse_config<T: DeserializeOwned>(
     value: &serde_json::Value,

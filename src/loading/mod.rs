@@ -1,9 +1,11 @@
 //! Files -> weights: diffusers folders, single-file checkpoints (original SD key names mapped to
 //! diffusers names), memory-mapped safetensors, tokenizer files. The only module allowed
 //! `unsafe` (mmap, in `safetensors_file`).
+pub mod aggregators;
 pub mod checkpoint;
 pub mod diffusers;
 pub mod embedded;
+pub mod ensemble;
 mod error;
 pub mod safetensors_file;
 pub mod single_file;

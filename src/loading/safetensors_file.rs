@@ -32,6 +32,7 @@ pub struct SafetensorsFile {
     mmap: memmap2::Mmap,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for SafetensorsFile {
@@ -55,6 +56,7 @@ impl SafetensorsFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| LoadError::format(path, format!("not a valid safetensors file: {e}")))?;
+        let header_metadata = metadata.metadata().clone().unwrap_or_default();
         let tensors = metadata
             .tensors()
             .into_iter()
@@ -65,12 +67,23 @@ impl SafetensorsFile {
             mmap,
             data_start: 8 + header_len,
             tensors,
+            metadata: header_metadata,
         })
     }
 
     /// Path of the file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The `__metadata__` string map of the header (empty when absent).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Content hash (xxh3-64) of the whole file, as 16 hex digits.
+    pub fn content_hash(&self) -> String {
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&self.mmap))
     }
 
     /// Names of every tensor in the file.

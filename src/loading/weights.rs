@@ -72,6 +72,18 @@ impl WeightSet {
         Self::new(component, entries)
     }
 
+    /// The distinct files the tensors come from, in name order of their first tensor.
+    pub fn files(&self) -> Vec<Arc<SafetensorsFile>> {
+        let mut files: Vec<Arc<SafetensorsFile>> = Vec::new();
+        for name in self.names() {
+            let f = &self.entries[name].file;
+            if !files.iter().any(|g| Arc::ptr_eq(g, f)) {
+                files.push(f.clone());
+            }
+        }
+        files
+    }
+
     /// Name of the component, for messages.
     pub fn component(&self) -> &str {
         &self.component

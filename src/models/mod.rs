@@ -20,3 +20,10 @@ pub enum ModelError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
+
+/// One Stable Diffusion model's denoising half: its text encoder and UNet.
+#[derive(Debug, Clone)]
+pub struct SingleUNet {
+    pub text_encoder: clip::ClipTextModel,
+    pub unet: unet::StagedUNet,
+}

@@ -4,8 +4,6 @@ use candle_core::{DType, Tensor};
 
 use super::PipelineError;
 use super::generate::Observer;
-use crate::models::clip::ClipTextModel;
-use crate::models::unet::StagedUNet;
 
 /// Predicts noise for the classifier-free-guidance batch.
 pub trait Denoiser {
@@ -20,22 +18,28 @@ pub trait Denoiser {
         observer: &mut dyn Observer,
     ) -> Result<Self::Context, PipelineError>;
 
-    /// `latents`: `[2B, C, h, w]` f32 (already scaled by the sampler), `timesteps`: `[2B]` f32
-    /// -> noise prediction `[2B, C, h, w]` f32.
+    /// Noise prediction `[2B, C, h, w]` f32 for `step`. When `maps` is given, denoisers that
+    /// aggregate experts push their per-point expert weights (`[2B, N, h, w]` each) into it.
     fn predict_noise(
         &self,
-        latents: &Tensor,
-        timesteps: &Tensor,
+        step: &DenoiseStep,
         context: &Self::Context,
+        maps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor, PipelineError>;
 }
 
-/// One Stable Diffusion model: its text encoder and UNet.
-#[derive(Debug, Clone)]
-pub struct SingleUNet {
-    pub text_encoder: ClipTextModel,
-    pub unet: StagedUNet,
+/// The inputs of one denoiser call.
+#[derive(Debug, Clone, Copy)]
+pub struct DenoiseStep<'a> {
+    /// `[2B, C, h, w]` f32, unconditional half first, already scaled by the sampler.
+    pub latents: &'a Tensor,
+    /// `[2B]` f32.
+    pub timesteps: &'a Tensor,
+    /// Per-image guidance scale `[B, 1, 1, 1]` f32 (for denoisers that guide internally).
+    pub guidance: &'a Tensor,
 }
+
+pub use crate::models::SingleUNet;
 
 impl Denoiser for SingleUNet {
     type Context = Tensor;
@@ -54,16 +58,50 @@ impl Denoiser for SingleUNet {
 
     fn predict_noise(
         &self,
-        latents: &Tensor,
-        timesteps: &Tensor,
+        step: &DenoiseStep,
         context: &Tensor,
+        _maps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor, PipelineError> {
         let dtype = self.unet.dtype();
-        let eps = self.unet.forward(
-            &latents.to_dtype(dtype)?,
-            timesteps,
-            &context.to_dtype(dtype)?,
-        )?;
+        let latents = step.latents.to_dtype(dtype)?;
+        let eps = self
+            .unet
+            .forward(&latents, step.timesteps, &context.to_dtype(dtype)?)?;
         Ok(eps.to_dtype(DType::F32)?)
+    }
+}
+
+impl Denoiser for crate::ensemble::EnsembleDenoiser<'_> {
+    type Context = crate::ensemble::EnsembleContext;
+
+    fn encode_text(
+        &self,
+        ids: &Tensor,
+        observer: &mut dyn Observer,
+    ) -> Result<Self::Context, PipelineError> {
+        use crate::ensemble::EnsembleContext;
+        let context = self.encode(ids)?;
+        if observer.wants_tensors() {
+            match &context {
+                EnsembleContext::One(emb) => observer.tensor("text_emb", emb)?,
+                EnsembleContext::Experts { per_expert, mean } => {
+                    for (n, emb) in per_expert.iter().enumerate() {
+                        observer.tensor(&format!("text_emb_e{n}"), emb)?;
+                    }
+                    observer.tensor("text_emb_mean", mean)?;
+                    observer.tensor("text_emb", mean)?;
+                }
+            }
+        }
+        Ok(context)
+    }
+
+    fn predict_noise(
+        &self,
+        step: &DenoiseStep,
+        context: &Self::Context,
+        maps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor, PipelineError> {
+        Ok(self.predict(step.latents, step.timesteps, step.guidance, context, maps)?)
     }
 }

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use super::PipelineError;
-use super::denoiser::Denoiser;
+use super::denoiser::{DenoiseStep, Denoiser};
+use super::maps::{CollectedMaps, MapCollector};
 use super::noise::BatchNoise;
-use super::params::{BatchRequest, Limits, sampler_display_name};
+use super::params::{BatchRequest, Limits, MapsRequest, sampler_display_name};
 use super::png::{PngParameters, encode_png};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
@@ -63,6 +64,8 @@ pub struct GeneratedImage {
 pub struct BatchOutput {
     pub images: Vec<GeneratedImage>,
     pub timings: StageTimings,
+    /// Expert weights per aggregation point, when asked for and the denoiser aggregates.
+    pub attention_maps: Option<CollectedMaps>,
 }
 
 /// Text -> image with one denoiser, shared tokenizer and VAE.
@@ -151,6 +154,7 @@ impl<D: Denoiser> SdPipeline<D> {
         let mut latents = (initial * scheduler.init_noise_sigma())?;
         let guidance: Vec<f32> = req.images.iter().map(|i| i.guidance_scale as f32).collect();
         let guidance = Tensor::from_vec(guidance, (b, 1, 1, 1), &self.device)?;
+        let mut collected = MapCollector::default();
         for (i, &t) in timesteps.iter().enumerate() {
             if observer.is_cancelled() {
                 return Err(PipelineError::Cancelled);
@@ -158,7 +162,22 @@ impl<D: Denoiser> SdPipeline<D> {
             let doubled = Tensor::cat(&[&latents, &latents], 0)?;
             let model_in = scheduler.scale_model_input(&doubled, i)?;
             let t_batch = Tensor::full(t as f32, 2 * b, &self.device)?;
-            let eps = self.denoiser.predict_noise(&model_in, &t_batch, &context)?;
+            let step = DenoiseStep {
+                latents: &model_in,
+                timesteps: &t_batch,
+                guidance: &guidance,
+            };
+            let dump_maps = i == 0 && observer.wants_tensors();
+            let mut step_maps = Vec::new();
+            let capture =
+                (dump_maps || req.attention_maps != MapsRequest::Off).then_some(&mut step_maps);
+            let eps = self.denoiser.predict_noise(&step, &context, capture)?;
+            if dump_maps {
+                for (k, map) in step_maps.iter().enumerate() {
+                    observer.tensor(&format!("attention_maps_step0_{k}"), map)?;
+                }
+            }
+            collected.push(req.attention_maps, step_maps)?;
             let (uncond, cond) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
             let guided = (&uncond + (cond - &uncond)?.broadcast_mul(&guidance)?)?;
             if i == 0 && observer.wants_tensors() {
@@ -212,7 +231,11 @@ impl<D: Denoiser> SdPipeline<D> {
             });
         }
         timings.png_encode = started.elapsed();
-        Ok(BatchOutput { images, timings })
+        Ok(BatchOutput {
+            images,
+            timings,
+            attention_maps: collected.finish(timesteps.len())?,
+        })
     }
 
     fn vae_dtype(&self) -> DType {

@@ -3,14 +3,16 @@
 //! and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
 mod denoiser;
 mod generate;
+pub mod maps;
 pub mod noise;
 mod params;
 pub mod png;
 
-pub use denoiser::{Denoiser, SingleUNet};
+pub use denoiser::{DenoiseStep, Denoiser, SingleUNet};
 pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings};
+pub use maps::CollectedMaps;
 pub use noise::{BatchNoise, ImageRng};
-pub use params::{BatchRequest, ImageSpec, Limits, sampler_display_name};
+pub use params::{BatchRequest, ImageSpec, Limits, MapsRequest, sampler_display_name};
 
 use crate::models::ModelError;
 use crate::schedulers::SchedulerError;
@@ -26,6 +28,8 @@ pub enum PipelineError {
     Cancelled,
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Ensemble(#[from] crate::ensemble::EnsembleError),
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]

@@ -24,6 +24,19 @@ pub struct BatchRequest {
     pub scheduler: SchedulerKind,
     /// Start from these latents `[B, C, H/f, W/f]` instead of seeded noise (parity tooling).
     pub initial_latents: Option<Tensor>,
+    /// Which expert-weight maps to return (ensembles only).
+    pub attention_maps: MapsRequest,
+}
+
+/// Which attention maps a request wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MapsRequest {
+    #[default]
+    Off,
+    /// Every step's maps.
+    PerStep,
+    /// The mean over steps.
+    Averaged,
 }
 
 /// Bounds enforced on every request.
@@ -166,6 +179,7 @@ mod tests {
             steps: 20,
             scheduler: SchedulerKind::Ddim,
             initial_latents: None,
+            attention_maps: MapsRequest::Off,
         }
     }
 
