@@ -3,7 +3,6 @@
 //! Layers (see `shared/design/architecture.md`): `loading` turns files into weights, `models`
 //! holds the networks (CLIP, VAE, staged UNet), `schedulers` the samplers, `pipeline` runs
 //! text -> image for one batch, `cli` parses the command line.
-pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -13,3 +12,4 @@ pub mod models;
 pub mod npy;
 pub mod pipeline;
 pub mod schedulers;
+pub mod worker;

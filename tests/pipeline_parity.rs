@@ -199,3 +199,56 @@ fn invalid_requests_name_the_field() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Cancels image 0 once `after` steps are done.
+struct CancelFirst {
+    done: usize,
+    after: usize,
+}
+
+impl Observer for CancelFirst {
+    fn step(&mut self, done: usize, _total: usize) {
+        self.done = done;
+    }
+    fn is_image_cancelled(&self, index: usize) -> bool {
+        index == 0 && self.done >= self.after
+    }
+}
+
+#[test]
+fn an_image_cancelled_mid_run_leaves_the_others_unchanged() {
+    let p = pipeline(diffusers_folder());
+    for kind in [SchedulerKind::DpmPp2m, SchedulerKind::EulerAncestral] {
+        let mut req = reference_request(kind, None);
+        req.steps = 5;
+        let out = p
+            .generate(&req, &mut CancelFirst { done: 0, after: 2 })
+            .unwrap();
+        assert_eq!(out.images.len(), 1);
+        assert_eq!(out.images[0].index, 1);
+        let mut alone = req.clone();
+        alone.images.remove(0);
+        let expected = p.generate(&alone, &mut ()).unwrap();
+        let diff = out.images[0]
+            .rgb
+            .iter()
+            .zip(&expected.images[0].rgb)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(diff <= 1, "{kind}: pixels differ by {diff}");
+    }
+    let all = p.generate(
+        &reference_request(SchedulerKind::Ddim, None),
+        &mut CancelAll,
+    );
+    assert!(matches!(all, Err(PipelineError::Cancelled)));
+}
+
+struct CancelAll;
+
+impl Observer for CancelAll {
+    fn is_image_cancelled(&self, _index: usize) -> bool {
+        true
+    }
+}

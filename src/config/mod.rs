@@ -1,6 +1,14 @@
-//! Settings from the command line and environment: the only module that reads environment
+//! Settings from files, the command line and the environment: `models.toml` (the registry of
+//! members and served ensembles) and the cache folder. The only module that reads environment
 //! variables.
+mod registry;
+
 use std::path::PathBuf;
+
+pub use registry::{
+    ConfigError, EnsembleDefaults, EnsembleEntry, MemberEntry, MemberFormat, ModelRegistry,
+    Precision, parse_size,
+};
 
 /// Where derived files (the materialised embedded model) are cached:
 /// `$AFA_CACHE_DIR`, `$XDG_CACHE_HOME/afa`, `$HOME/.cache/afa`, or the temp folder.

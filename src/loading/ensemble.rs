@@ -145,3 +145,75 @@ impl EnsembleParts {
         })
     }
 }
+
+/// Opens ensemble `entry` of `registry` (official folder, or members + aggregators).
+pub fn open_declared(
+    registry: &crate::config::ModelRegistry,
+    entry: &crate::config::EnsembleEntry,
+) -> Result<EnsembleParts, LoadError> {
+    use super::checkpoint::{ModelSource, open_model};
+    if let Some(dir) = &entry.official {
+        let mut parts = open_official(dir)?;
+        if let Some(path) = &entry.aggregators {
+            parts.aggregators = Some(AggregatorCheckpoint::open(path)?);
+        }
+        return Ok(parts);
+    }
+    let members = entry
+        .members
+        .iter()
+        .map(|name| {
+            let m = registry.member(name).ok_or_else(|| {
+                LoadError::format(&registry.source, format!("unknown member '{name}'"))
+            })?;
+            let source = ModelSource {
+                model: m.path.clone(),
+                model_config: m.model_config.clone(),
+                ..Default::default()
+            };
+            Ok((name.clone(), open_model(&source)?))
+        })
+        .collect::<Result<Vec<_>, LoadError>>()?;
+    let aggregators = match &entry.aggregators {
+        Some(path) => Some(AggregatorCheckpoint::open(path)?),
+        None => None,
+    };
+    let shared = match &entry.shared {
+        Some(dir) => Some(open_model(&ModelSource {
+            model: dir.clone(),
+            ..Default::default()
+        })?),
+        None => None,
+    };
+    Ok(EnsembleParts {
+        members,
+        aggregators,
+        shared,
+    })
+}
+
+/// Checks an ensemble without building it: member files, configs and the aggregators' fit to
+/// the members (count, order by weight hash, channel list). Used by `afa check-models`.
+pub fn check_parts(parts: &EnsembleParts) -> Result<(), LoadError> {
+    let first = &parts
+        .members
+        .first()
+        .ok_or_else(|| LoadError::format(Path::new("ensemble"), "an ensemble needs members"))?
+        .1;
+    for (name, m) in &parts.members[1..] {
+        if m.unet_config().block_out_channels != first.unet_config().block_out_channels {
+            return Err(LoadError::format(
+                Path::new(name),
+                format!("member '{name}' has a different UNet architecture"),
+            ));
+        }
+    }
+    if let Some(c) = &parts.aggregators {
+        let channels: Vec<usize> = aggregation_points(first.unet_config())
+            .iter()
+            .map(|p| p.channels)
+            .collect();
+        c.check_against(&parts.stamps(), &channels)?;
+    }
+    Ok(())
+}

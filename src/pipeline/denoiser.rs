@@ -26,6 +26,14 @@ pub trait Denoiser {
         context: &Self::Context,
         maps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor, PipelineError>;
+
+    /// The context restricted to these rows (`[R]` u32 indices into the `2B` rows), used when
+    /// images of a running batch are cancelled.
+    fn select_rows(
+        &self,
+        context: &Self::Context,
+        rows: &Tensor,
+    ) -> Result<Self::Context, PipelineError>;
 }
 
 /// The inputs of one denoiser call.
@@ -69,6 +77,9 @@ impl Denoiser for SingleUNet {
             .forward(&latents, step.timesteps, &context.to_dtype(dtype)?)?;
         Ok(eps.to_dtype(DType::F32)?)
     }
+    fn select_rows(&self, context: &Tensor, rows: &Tensor) -> Result<Tensor, PipelineError> {
+        Ok(context.index_select(rows, 0)?)
+    }
 }
 
 impl Denoiser for crate::ensemble::EnsembleDenoiser<'_> {
@@ -103,5 +114,23 @@ impl Denoiser for crate::ensemble::EnsembleDenoiser<'_> {
         maps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor, PipelineError> {
         Ok(self.predict(step.latents, step.timesteps, step.guidance, context, maps)?)
+    }
+
+    fn select_rows(
+        &self,
+        context: &Self::Context,
+        rows: &Tensor,
+    ) -> Result<Self::Context, PipelineError> {
+        use crate::ensemble::EnsembleContext;
+        Ok(match context {
+            EnsembleContext::One(t) => EnsembleContext::One(t.index_select(rows, 0)?),
+            EnsembleContext::Experts { per_expert, mean } => EnsembleContext::Experts {
+                per_expert: per_expert
+                    .iter()
+                    .map(|t| t.index_select(rows, 0))
+                    .collect::<candle_core::Result<_>>()?,
+                mean: mean.index_select(rows, 0)?,
+            },
+        })
     }
 }

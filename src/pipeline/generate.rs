@@ -31,6 +31,11 @@ pub trait Observer {
     fn is_cancelled(&self) -> bool {
         false
     }
+    /// Polled before every step for each running image (its index in the request); `true`
+    /// drops that image from the batch, the others go on unchanged.
+    fn is_image_cancelled(&self, _index: usize) -> bool {
+        false
+    }
 }
 
 /// An observer that watches nothing.
@@ -48,6 +53,8 @@ pub struct StageTimings {
 /// One finished image.
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
+    /// Position of the image in the request (cancelled images leave gaps).
+    pub index: usize,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
@@ -153,12 +160,43 @@ impl<D: Denoiser> SdPipeline<D> {
         }
         let mut latents = (initial * scheduler.init_noise_sigma())?;
         let guidance: Vec<f32> = req.images.iter().map(|i| i.guidance_scale as f32).collect();
-        let guidance = Tensor::from_vec(guidance, (b, 1, 1, 1), &self.device)?;
+        let mut guidance = Tensor::from_vec(guidance, (b, 1, 1, 1), &self.device)?;
+        let mut context = context;
         let mut collected = MapCollector::default();
+        // Original indices of the images still running.
+        let mut active: Vec<usize> = (0..b).collect();
         for (i, &t) in timesteps.iter().enumerate() {
             if observer.is_cancelled() {
                 return Err(PipelineError::Cancelled);
             }
+            let keep: Vec<usize> = (0..active.len())
+                .filter(|&p| !observer.is_image_cancelled(active[p]))
+                .collect();
+            if keep.is_empty() {
+                return Err(PipelineError::Cancelled);
+            }
+            if keep.len() < active.len() {
+                let n = active.len();
+                let rows = Tensor::from_vec(
+                    keep.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                    keep.len(),
+                    &self.device,
+                )?;
+                let doubled: Vec<u32> = keep
+                    .iter()
+                    .map(|&p| p as u32)
+                    .chain(keep.iter().map(|&p| (p + n) as u32))
+                    .collect();
+                let doubled = Tensor::from_vec(doubled, 2 * keep.len(), &self.device)?;
+                latents = latents.index_select(&rows, 0)?;
+                guidance = guidance.index_select(&rows, 0)?;
+                context = self.denoiser.select_rows(&context, &doubled)?;
+                scheduler.retain_rows(&rows)?;
+                noise.retain(&keep);
+                collected.retain_rows(&doubled)?;
+                active = keep.iter().map(|&p| active[p]).collect();
+            }
+            let b = active.len();
             let doubled = Tensor::cat(&[&latents, &latents], 0)?;
             let model_in = scheduler.scale_model_input(&doubled, i)?;
             let t_batch = Tensor::full(t as f32, 2 * b, &self.device)?;
@@ -208,7 +246,8 @@ impl<D: Denoiser> SdPipeline<D> {
         let started = Instant::now();
         let pixels = to_rgb8(&image)?;
         let mut images = Vec::with_capacity(b);
-        for (k, (spec, rgb)) in req.images.iter().zip(pixels).enumerate() {
+        for (&k, rgb) in active.iter().zip(pixels) {
+            let spec = &req.images[k];
             let params = PngParameters {
                 prompt: &spec.prompt,
                 negative_prompt: &spec.negative_prompt,
@@ -222,6 +261,7 @@ impl<D: Denoiser> SdPipeline<D> {
             };
             let png = encode_png(&rgb, req.width, req.height, &params)?;
             images.push(GeneratedImage {
+                index: k,
                 seed: spec.seed,
                 width: req.width,
                 height: req.height,

@@ -88,9 +88,10 @@ impl BatchNoise {
         }
     }
 
-    /// Drops image `index` (cancelled mid-run); the others keep their streams.
-    pub fn remove(&mut self, index: usize) {
-        self.rngs.remove(index);
+    /// Keeps only the generators at these batch positions (images cancelled mid-run are
+    /// dropped; the others keep their streams).
+    pub fn retain(&mut self, keep: &[usize]) {
+        self.rngs = keep.iter().map(|&i| self.rngs[i].clone()).collect();
     }
 
     /// A `[B, ...]` f32 tensor whose row b comes from image b's generator.

@@ -29,7 +29,7 @@ pub struct BatchRequest {
 }
 
 /// Which attention maps a request wants back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MapsRequest {
     #[default]
     Off,

@@ -39,12 +39,28 @@ impl PngParameters<'_> {
 }
 
 /// Encodes 8-bit RGB pixels (`width * height * 3` bytes, row-major) as PNG with the
-/// parameters chunk (tEXt when Latin-1 encodable, else iTXt, as PIL does).
+/// parameters chunk.
 pub fn encode_png(
     rgb: &[u8],
     width: usize,
     height: usize,
     params: &PngParameters,
+) -> Result<Vec<u8>, PipelineError> {
+    encode_rgb_png(
+        rgb,
+        width,
+        height,
+        Some(("parameters", &params.to_a1111_text())),
+    )
+}
+
+/// Encodes 8-bit RGB pixels as PNG with an optional text chunk (tEXt when Latin-1 encodable,
+/// else iTXt, as PIL does).
+pub fn encode_rgb_png(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    text: Option<(&str, &str)>,
 ) -> Result<Vec<u8>, PipelineError> {
     if rgb.len() != width * height * 3 {
         return Err(PipelineError::Internal(format!(
@@ -59,13 +75,14 @@ pub fn encode_png(
         let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let text = params.to_a1111_text();
-        if text.chars().all(|c| (c as u32) < 256) {
-            enc.add_text_chunk("parameters".into(), text)
-                .map_err(png_err)?;
-        } else {
-            enc.add_itxt_chunk("parameters".into(), text)
-                .map_err(png_err)?;
+        if let Some((keyword, value)) = text {
+            if value.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk(keyword.into(), value.into())
+                    .map_err(png_err)?;
+            } else {
+                enc.add_itxt_chunk(keyword.into(), value.into())
+                    .map_err(png_err)?;
+            }
         }
         let mut writer = enc.write_header().map_err(png_err)?;
         writer.write_image_data(rgb).map_err(png_err)?;

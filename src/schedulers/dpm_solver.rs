@@ -216,4 +216,11 @@ impl Scheduler for DpmSolverMultistep {
             SchedulerKind::DpmPp2m
         }
     }
+
+    fn retain_rows(&mut self, rows: &Tensor) -> Result<(), SchedulerError> {
+        if let Some(prev) = self.prev_x0.take() {
+            self.prev_x0 = Some(prev.index_select(rows, 0)?);
+        }
+        Ok(())
+    }
 }

@@ -243,6 +243,10 @@ pub trait Scheduler: Send {
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, SchedulerError>;
     fn kind(&self) -> SchedulerKind;
+    /// Keeps only these batch rows of any per-sample state (images dropped mid-run).
+    fn retain_rows(&mut self, _rows: &Tensor) -> Result<(), SchedulerError> {
+        Ok(())
+    }
 }
 
 /// Checks `step_index` against a schedule of `len` steps and the tensor shapes agree.
