@@ -16,8 +16,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate images from a prompt with one model (the embedded tiny model by default).
+    /// Generate images from a prompt with one model (the embedded tiny model by default) or an
+    /// ensemble (an official AFA folder as --model, or --config models.toml --ensemble NAME).
     Generate(GenerateArgs),
+    /// Convert aggregator checkpoints between the official folder layout and our single file.
+    Convert(commands::convert::ConvertArgs),
 }
 
 /// Weight precision.
@@ -107,6 +110,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
+        Command::Convert(args) => commands::convert::run(&args),
     };
     match result {
         Ok(()) => 0,

@@ -1,2 +1,3 @@
 //! What each subcommand does, between the parsed command line (`cli`) and the library layers.
+pub mod convert;
 pub mod generate;

@@ -1,9 +1,13 @@
 //! The work queue between the HTTP layer and the models: a bounded queue counted in images,
-//! a batcher that groups compatible work by `BatchKey`, one executor thread per device that
-//! owns the models, cancellation and progress events.
+//! a batcher that groups compatible work by `BatchKey`, one executor thread that owns the
+//! models, cancellation and progress events.
 pub mod contract;
+pub mod engine;
+mod handle;
+pub mod queue;
 
 pub use contract::{
-    BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
-    SubmitError,
+    BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings, SubmitError,
 };
+pub use engine::{BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, validate_job};
+pub use handle::{EngineLoader, JobTicket, WorkerConfig, WorkerHandle, WorkerStats, start_worker};
