@@ -96,6 +96,21 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// models.toml declaring the ensemble to run (with --ensemble).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// An ensemble of --config (default: its default ensemble; --config defaults to ./models.toml).
+    #[arg(long)]
+    pub ensemble: Option<String>,
+    /// How an ensemble predicts noise: afa, mean, single:<member>, merge, magicfusion.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Use these aggregators (our file or an official folder) with the ensemble's members.
+    #[arg(long)]
+    pub aggregators: Option<PathBuf>,
+    /// Write the attention maps (heat-map PNGs, an index.html with the legend, raw .npy) here.
+    #[arg(long)]
+    pub maps: Option<PathBuf>,
 }
 
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {

@@ -9,7 +9,8 @@ use crate::cli::{DeviceArg, DtypeArg, GenerateArgs};
 use crate::loading::checkpoint::{LoadedModel, ModelSource, load_model};
 use crate::loading::embedded::{EMBEDDED_MODEL_NAME, materialize_embedded_model};
 use crate::pipeline::{
-    BatchRequest, ImageSpec, Limits, Observer, PipelineError, SdPipeline, SingleUNet,
+    BatchOutput, BatchRequest, Denoiser, ImageSpec, Limits, Observer, PipelineError, SdPipeline,
+    SingleUNet,
 };
 
 /// Default size of the embedded tiny model, and of real SD1.5 models.
@@ -29,6 +30,21 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             "--dtype bf16 needs a GPU: candle has no bf16 matrix multiply on CPU (use f32 or f16)"
         );
     }
+    if !args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        bail!("--out must name a .png file, got {}", args.out.display());
+    }
+    if let Some(target) = ensemble_target(args)? {
+        return super::generate_ensemble::run(args, target, dtype, &device);
+    }
+    if args.mode.is_some() || args.maps.is_some() || args.aggregators.is_some() {
+        bail!(
+            "--mode, --maps and --aggregators need an ensemble (--config/--ensemble, or an official AFA folder as --model)"
+        );
+    }
     let embedded = args.model.is_none();
     let (model_path, model_name) = match &args.model {
         Some(p) => (p.clone(), display_name(p)),
@@ -41,13 +57,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             (dir, EMBEDDED_MODEL_NAME.to_string())
         }
     };
-    if !args
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
-    {
-        bail!("--out must name a .png file, got {}", args.out.display());
-    }
     let source = ModelSource {
         model: model_path,
         model_config: args.model_config.clone(),
@@ -70,7 +79,50 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         model_name,
         limits: Limits::default(),
     };
-    let request = build_request(args, embedded, &device)?;
+    let side = if embedded { TINY_SIDE } else { SD15_SIDE };
+    let request = build_request(args, (side, side), &device)?;
+    generate_and_write(&pipeline, args, request).map(|_| ())
+}
+
+/// Which ensemble `afa generate` should run, if any.
+pub(super) enum EnsembleTarget {
+    /// An official AFA folder given as `--model`.
+    Official(PathBuf),
+    /// An ensemble declared in a models.toml.
+    Declared {
+        config: PathBuf,
+        name: Option<String>,
+    },
+}
+
+fn ensemble_target(args: &GenerateArgs) -> anyhow::Result<Option<EnsembleTarget>> {
+    if args.config.is_some() || args.ensemble.is_some() {
+        if args.model.is_some() {
+            bail!("give either --model or --config/--ensemble, not both");
+        }
+        let config = args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("models.toml"));
+        return Ok(Some(EnsembleTarget::Declared {
+            config,
+            name: args.ensemble.clone(),
+        }));
+    }
+    Ok(match &args.model {
+        Some(p) if crate::loading::aggregators::is_official_folder(p) => {
+            Some(EnsembleTarget::Official(p.clone()))
+        }
+        _ => None,
+    })
+}
+
+/// Runs the batch and writes the PNGs (and dumps); returns the pipeline output.
+pub(super) fn generate_and_write<D: Denoiser>(
+    pipeline: &SdPipeline<D>,
+    args: &GenerateArgs,
+    request: BatchRequest,
+) -> anyhow::Result<BatchOutput> {
     let mut observer = CliObserver::new(args, request.steps)?;
     let output = pipeline
         .generate(&request, &mut observer)
@@ -101,7 +153,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         t.decode.as_secs_f64(),
         t.png_encode.as_secs_f64()
     );
-    Ok(())
+    Ok(output)
 }
 
 /// The CLI flag for a pipeline field name.
@@ -119,7 +171,7 @@ fn display_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
+pub(super) fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
@@ -129,12 +181,11 @@ fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
     }
 }
 
-fn build_request(
+pub(super) fn build_request(
     args: &GenerateArgs,
-    embedded: bool,
+    default_size: (usize, usize),
     device: &Device,
 ) -> anyhow::Result<BatchRequest> {
-    let side = if embedded { TINY_SIDE } else { SD15_SIDE };
     let initial_latents = match &args.latents {
         Some(path) => Some(
             crate::npy::read(path)?
@@ -168,12 +219,16 @@ fn build_request(
         .collect();
     Ok(BatchRequest {
         images,
-        width: args.width.unwrap_or(side),
-        height: args.height.unwrap_or(side),
+        width: args.width.unwrap_or(default_size.0),
+        height: args.height.unwrap_or(default_size.1),
         steps: args.steps,
         scheduler: args.scheduler,
         initial_latents,
-        attention_maps: crate::pipeline::MapsRequest::Off,
+        attention_maps: if args.maps.is_some() {
+            crate::pipeline::MapsRequest::PerStep
+        } else {
+            crate::pipeline::MapsRequest::Off
+        },
     })
 }
 
