@@ -261,3 +261,67 @@ fn sd15_points_and_parameter_counts_match_the_spec() {
         assert_eq!(count, expected, "N={n}");
     }
 }
+
+#[test]
+fn identical_experts_with_fresh_aggregators_reproduce_the_single_model() {
+    use afa::ensemble::points::{AggregatorShape, aggregator_configs};
+    use afa::ensemble::{Aggregator, Ensemble, EnsembleContext, Member};
+    use std::sync::Arc;
+    let source = afa::loading::checkpoint::ModelSource {
+        model: "tests/fixtures/tiny-sd".into(),
+        ..Default::default()
+    };
+    let model = afa::loading::checkpoint::load_model(&source, DType::F32, &Device::Cpu).unwrap();
+    let unet = Arc::new(model.unet);
+    let text = Arc::new(model.text_encoder);
+    for n in [1usize, 2, 3] {
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("copy{i}"),
+                weight_hash: "same".into(),
+                unet: unet.clone(),
+                text_encoder: text.clone(),
+            })
+            .collect();
+        let shape = AggregatorShape {
+            hidden_size: 8,
+            num_layers: 1,
+            num_attn_heads: 2,
+            norm_num_groups: 4,
+        };
+        // Zero weights: conv_out is zero as for a fresh aggregator, so every map is 1/N.
+        let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let aggregators: Vec<Aggregator> = aggregator_configs(unet.config(), n, 16, shape)
+            .iter()
+            .enumerate()
+            .map(|(k, c)| Aggregator::new(c, vb.pp(format!("aggregator_{k}"))).unwrap())
+            .collect();
+        let ensemble = Ensemble::new(members, aggregators, None).unwrap();
+        let x = npy("tests/fixtures/unet/batch2_sample.npy");
+        let t = npy("tests/fixtures/unet/batch2_timesteps.npy");
+        let ids = Tensor::from_vec(
+            (0..154u32).map(|i| if i % 77 == 0 { 998 } else { 300 + i % 50 }).collect::<Vec<_>>(),
+            (2, 77),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let emb = text.forward(&ids).unwrap();
+        let context = EnsembleContext::Experts {
+            per_expert: vec![emb.clone(); n],
+            mean: emb.clone(),
+        };
+        let guidance = Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        let mut maps = Vec::new();
+        let eps = ensemble
+            .denoiser(&EnsembleMode::Afa)
+            .unwrap()
+            .predict(&x, &t, &guidance, &context, Some(&mut maps))
+            .unwrap();
+        let single = unet.forward(&x, &t, &emb).unwrap();
+        assert!(max_abs_diff(&eps, &single) <= 1e-5, "N={n}");
+        for map in &maps {
+            let v = map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|w| (w - 1.0 / n as f32).abs() < 1e-6));
+        }
+    }
+}
