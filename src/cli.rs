@@ -18,9 +18,13 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt with one model (the embedded tiny model by default) or an
     /// ensemble (an official AFA folder as --model, or --config models.toml --ensemble NAME).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Convert aggregator checkpoints between the official folder layout and our single file.
     Convert(commands::convert::ConvertArgs),
+    /// Serve the ensembles of models.toml over HTTP (native and OpenAI-compatible APIs).
+    Serve(commands::serve::ServeArgs),
+    /// Validate a models.toml (files, members, aggregators) and exit 0 or 1.
+    CheckModels(commands::check_models::CheckModelsArgs),
 }
 
 /// Weight precision.
@@ -126,6 +130,8 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
         Command::Convert(args) => commands::convert::run(&args),
+        Command::Serve(args) => commands::serve::run(&args),
+        Command::CheckModels(args) => commands::check_models::run(&args),
     };
     match result {
         Ok(()) => 0,

@@ -3,6 +3,8 @@
 //! Layers (see `shared/design/architecture.md`): `loading` turns files into weights, `models`
 //! holds the networks (CLIP, VAE, staged UNet), `schedulers` the samplers, `pipeline` runs
 //! text -> image for one batch, `cli` parses the command line.
+pub mod api;
+pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -12,4 +14,5 @@ pub mod models;
 pub mod npy;
 pub mod pipeline;
 pub mod schedulers;
+pub mod telemetry;
 pub mod worker;

@@ -7,7 +7,10 @@ use std::process::{Command, Output};
 use common::{max_abs_diff, npy, official_folder, scratch};
 
 fn afa(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_afa")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_afa"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     out
@@ -15,7 +18,11 @@ fn afa(args: &[&str]) -> Output {
 
 fn ok(args: &[&str]) -> Output {
     let out = afa(args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -30,20 +37,49 @@ fn an_official_folder_reproduces_the_reference_through_the_cli() {
     let dump = dir.join("dump");
     let reference = Path::new("tests/fixtures/afa/n2/reference");
     ok(&[
-        "generate", "--model", s(&folder), "--prompt", "a photo of a cat", "--negative-prompt", "blurry",
-        "--steps", "10", "--width", "128", "--height", "128", "--quiet",
-        "--latents", s(&reference.join("latent_init.npy")), "--dump", s(&dump), "--out", s(&dir.join("x.png")),
+        "generate",
+        "--model",
+        s(&folder),
+        "--prompt",
+        "a photo of a cat",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "10",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--quiet",
+        "--latents",
+        s(&reference.join("latent_init.npy")),
+        "--dump",
+        s(&dump),
+        "--out",
+        s(&dir.join("x.png")),
     ]);
     for k in [0, 12, 24] {
         let name = format!("attention_maps_step0_{k}.npy");
-        assert!(max_abs_diff(&npy(dump.join(&name)), &npy(reference.join(&name))) <= 1e-4, "{name}");
+        assert!(
+            max_abs_diff(&npy(dump.join(&name)), &npy(reference.join(&name))) <= 1e-4,
+            "{name}"
+        );
     }
     for name in ["text_emb_e0.npy", "text_emb_e1.npy", "text_emb_mean.npy"] {
-        assert!(max_abs_diff(&npy(dump.join(name)), &npy(reference.join(name))) <= 1e-4, "{name}");
+        assert!(
+            max_abs_diff(&npy(dump.join(name)), &npy(reference.join(name))) <= 1e-4,
+            "{name}"
+        );
     }
-    let eps = max_abs_diff(&npy(dump.join("noise_pred_step0.npy")), &npy(reference.join("noise_pred_step0.npy")));
+    let eps = max_abs_diff(
+        &npy(dump.join("noise_pred_step0.npy")),
+        &npy(reference.join("noise_pred_step0.npy")),
+    );
     assert!(eps <= 1e-3, "{eps}");
-    let lat = max_abs_diff(&npy(dump.join("latent_final.npy")), &npy(reference.join("latent_final.npy")));
+    let lat = max_abs_diff(
+        &npy(dump.join("latent_final.npy")),
+        &npy(reference.join("latent_final.npy")),
+    );
     assert!(lat <= 1e-3, "{lat}");
 }
 
@@ -52,25 +88,66 @@ fn declared_ensemble_writes_maps_and_every_mode_runs() {
     let dir = scratch("cli-maps");
     let maps = dir.join("maps");
     ok(&[
-        "generate", "--config", "models.toml", "--prompt", "a cat", "--steps", "2", "--seed", "1", "--quiet",
-        "--maps", s(&maps), "--out", s(&dir.join("a.png")),
+        "generate",
+        "--config",
+        "models.toml",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--quiet",
+        "--maps",
+        s(&maps),
+        "--out",
+        s(&dir.join("a.png")),
     ]);
     assert!(maps.join("index.html").is_file() && maps.join("image0.html").is_file());
     for k in 0..25 {
-        assert!(maps.join(format!("image0_point{k:02}.png")).is_file(), "point {k}");
+        assert!(
+            maps.join(format!("image0_point{k:02}.png")).is_file(),
+            "point {k}"
+        );
     }
     let raw = afa::npy::read(maps.join("point_00.npy")).unwrap();
     assert_eq!(raw.shape, vec![2, 2, 2, 16, 16]);
     for mode in ["mean", "single:tiny-a", "merge", "magicfusion"] {
         ok(&[
-            "generate", "--config", "models.toml", "--mode", mode, "--prompt", "a cat", "--steps", "2", "--quiet",
-            "--out", s(&dir.join("m.png")),
+            "generate",
+            "--config",
+            "models.toml",
+            "--mode",
+            mode,
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--quiet",
+            "--out",
+            s(&dir.join("m.png")),
         ]);
     }
-    let bad = afa(&["generate", "--config", "models.toml", "--mode", "single:nobody", "--prompt", "x", "--quiet"]);
+    let bad = afa(&[
+        "generate",
+        "--config",
+        "models.toml",
+        "--mode",
+        "single:nobody",
+        "--prompt",
+        "x",
+        "--quiet",
+    ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tiny-a"));
-    let no_maps = afa(&["generate", "--prompt", "x", "--maps", s(&dir.join("m")), "--quiet"]);
+    let no_maps = afa(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--maps",
+        s(&dir.join("m")),
+        "--quiet",
+    ]);
     assert!(String::from_utf8_lossy(&no_maps.stderr).contains("need an ensemble"));
 }
 
@@ -86,7 +163,12 @@ fn convert_round_trips_and_refuses_foreign_members() {
         let a = afa::loading::aggregators::AggregatorCheckpoint::open_official(&folder).unwrap();
         let b = afa::loading::aggregators::AggregatorCheckpoint::open_official(&back).unwrap();
         assert_eq!(a.configs, b.configs);
-        for ((na, ta), (nb, tb)) in a.tensors(k).unwrap().iter().zip(b.tensors(k).unwrap().iter()) {
+        for ((na, ta), (nb, tb)) in a
+            .tensors(k)
+            .unwrap()
+            .iter()
+            .zip(b.tensors(k).unwrap().iter())
+        {
             assert_eq!(na, nb);
             assert_eq!(max_abs_diff(ta, tb), 0.0);
         }
@@ -94,16 +176,36 @@ fn convert_round_trips_and_refuses_foreign_members() {
     // The file carries the members' stamps: using it with the declared members (same weights)
     // gives the same image as the official folder.
     let run = |extra: &[&str], out: &Path| {
-        let mut args = vec!["generate", "--prompt", "a cat", "--steps", "2", "--seed", "4", "--quiet", "--width", "128", "--height", "128", "--out", s(out)];
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "--quiet",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--out",
+            s(out),
+        ];
         args.extend_from_slice(extra);
         ok(&args);
         std::fs::read(out).unwrap()
     };
     let a = run(&["--model", s(&folder)], &dir.join("a.png"));
-    let b = run(&["--config", "models.toml", "--aggregators", s(&file)], &dir.join("b.png"));
+    let b = run(
+        &["--config", "models.toml", "--aggregators", s(&file)],
+        &dir.join("b.png"),
+    );
     // PNG metadata names differ (model name); compare the decoded pixels.
     let pixels = |bytes: Vec<u8>| {
-        let mut r = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+        let mut r = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap();
         let mut buf = vec![0; r.output_buffer_size().unwrap()];
         r.next_frame(&mut buf).unwrap();
         buf
@@ -111,9 +213,27 @@ fn convert_round_trips_and_refuses_foreign_members() {
     assert_eq!(pixels(a), pixels(b));
     // n3's aggregators do not fit the two declared members.
     let n3 = dir.join("n3.safetensors");
-    ok(&["convert", "--from", s(&official_folder("n3")), "--to", s(&n3)]);
-    let bad = afa(&["generate", "--config", "models.toml", "--aggregators", s(&n3), "--prompt", "x", "--quiet"]);
+    ok(&[
+        "convert",
+        "--from",
+        s(&official_folder("n3")),
+        "--to",
+        s(&n3),
+    ]);
+    let bad = afa(&[
+        "generate",
+        "--config",
+        "models.toml",
+        "--aggregators",
+        s(&n3),
+        "--prompt",
+        "x",
+        "--quiet",
+    ]);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("3 members") && stderr.contains("has 2"), "{stderr}");
+    assert!(
+        stderr.contains("3 members") && stderr.contains("has 2"),
+        "{stderr}"
+    );
 }

@@ -300,7 +300,9 @@ fn identical_experts_with_fresh_aggregators_reproduce_the_single_model() {
         let x = npy("tests/fixtures/unet/batch2_sample.npy");
         let t = npy("tests/fixtures/unet/batch2_timesteps.npy");
         let ids = Tensor::from_vec(
-            (0..154u32).map(|i| if i % 77 == 0 { 998 } else { 300 + i % 50 }).collect::<Vec<_>>(),
+            (0..154u32)
+                .map(|i| if i % 77 == 0 { 998 } else { 300 + i % 50 })
+                .collect::<Vec<_>>(),
             (2, 77),
             &Device::Cpu,
         )

@@ -55,11 +55,19 @@ fn full_size_layouts_match_diffusers() {
         let emb = model.text_encoder.forward(&ids).unwrap();
         let text_err = max_abs_diff(&emb, &npy(reference.join("text_emb.npy")));
         let t = Tensor::new(&[981f32, 1.0], &Device::Cpu).unwrap();
-        let eps = model.unet.forward(&npy(reference.join("unet_latent.npy")), &t, &emb).unwrap();
+        let eps = model
+            .unet
+            .forward(&npy(reference.join("unet_latent.npy")), &t, &emb)
+            .unwrap();
         let unet_err = max_abs_diff(&eps, &npy(reference.join("unet_eps.npy")));
         let image = model.vae.decode(&npy(reference.join("vae_z.npy"))).unwrap();
         let vae_err = max_abs_diff(&image, &npy(reference.join("vae_image.npy")));
-        println!("{label}: max abs error text {text_err:.2e}, unet {unet_err:.2e}, vae {vae_err:.2e}");
-        assert!(text_err <= 1e-4 && unet_err <= 1e-3 && vae_err <= 1e-3, "{label}");
+        println!(
+            "{label}: max abs error text {text_err:.2e}, unet {unet_err:.2e}, vae {vae_err:.2e}"
+        );
+        assert!(
+            text_err <= 1e-4 && unet_err <= 1e-3 && vae_err <= 1e-3,
+            "{label}"
+        );
     }
 }

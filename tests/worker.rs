@@ -7,8 +7,8 @@ use afa::ensemble::EnsembleMode;
 use afa::pipeline::{ImageSpec, Limits, MapsRequest, Observer};
 use afa::schedulers::SchedulerKind;
 use afa::worker::{
-    BatchKey, BatchOutcome, Catalog, Engine, EnsembleCatalog, GenerationJob, ImageResult, JobError, JobEvent,
-    JobTimings, SubmitError, WorkerConfig, WorkerHandle, start_worker,
+    BatchKey, BatchOutcome, Catalog, Engine, EnsembleCatalog, GenerationJob, ImageResult, JobError,
+    JobEvent, JobTimings, SubmitError, WorkerConfig, WorkerHandle, start_worker,
 };
 
 /// Sleeps `step_ms` per step, records batch sizes, panics on the prompt "panic".
@@ -47,7 +47,12 @@ impl Engine for FakeEngine {
         catalog()
     }
 
-    fn run(&mut self, key: &BatchKey, images: &[ImageSpec], observer: &mut dyn Observer) -> Result<BatchOutcome, JobError> {
+    fn run(
+        &mut self,
+        key: &BatchKey,
+        images: &[ImageSpec],
+        observer: &mut dyn Observer,
+    ) -> Result<BatchOutcome, JobError> {
         if images.iter().any(|i| i.prompt == "panic") {
             panic!("boom");
         }
@@ -87,7 +92,12 @@ fn worker(step_ms: u64, config: WorkerConfig) -> (WorkerHandle, Arc<Mutex<Vec<us
     let batches = Arc::new(Mutex::new(Vec::new()));
     let b = batches.clone();
     let handle = start_worker(
-        Box::new(move || Ok(Box::new(FakeEngine { step_ms, batches: b }) as Box<dyn Engine>)),
+        Box::new(move || {
+            Ok(Box::new(FakeEngine {
+                step_ms,
+                batches: b,
+            }) as Box<dyn Engine>)
+        }),
         config,
     );
     for _ in 0..200 {
@@ -142,13 +152,22 @@ fn compatible_jobs_share_batches_and_large_jobs_are_split() {
     let b = w.submit(job("b", 1, 20)).unwrap();
     let c = w.submit(job("c", 6, 30)).unwrap();
     let (a, b, c) = (finish(a).unwrap(), finish(b).unwrap(), finish(c).unwrap());
-    assert_eq!(a.images.iter().map(|i| i.seed).collect::<Vec<_>>(), vec![10, 11]);
+    assert_eq!(
+        a.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        vec![10, 11]
+    );
     assert_eq!(b.images[0].seed, 20);
-    assert_eq!(c.images.iter().map(|i| i.seed).collect::<Vec<_>>(), (30..36).collect::<Vec<_>>());
+    assert_eq!(
+        c.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        (30..36).collect::<Vec<_>>()
+    );
     let sizes = batches.lock().unwrap().clone();
     assert_eq!(sizes.iter().sum::<usize>(), 9);
     assert!(sizes.iter().all(|&s| s <= 4), "{sizes:?}");
-    assert_eq!(sizes[0], 4, "the first batch waits for compatible work: {sizes:?}");
+    assert_eq!(
+        sizes[0], 4,
+        "the first batch waits for compatible work: {sizes:?}"
+    );
 }
 
 #[test]
@@ -174,7 +193,11 @@ fn overload_is_refused_with_retry_after_and_accepted_work_completes() {
     }
     assert!(refused > 0);
     let n = accepted.len();
-    let done = accepted.into_iter().map(finish).filter(|r| r.is_ok()).count();
+    let done = accepted
+        .into_iter()
+        .map(finish)
+        .filter(|r| r.is_ok())
+        .count();
     assert_eq!(done, n, "every accepted job completes");
     assert!(w.stats().rejected_full >= refused as u64);
 }
@@ -230,12 +253,18 @@ fn validation_not_ready_and_draining() {
         WorkerConfig::default(),
     );
     assert!(!loading.is_ready());
-    assert!(matches!(loading.submit(job("x", 1, 1)), Err(SubmitError::NotReady { .. })));
+    assert!(matches!(
+        loading.submit(job("x", 1, 1)),
+        Err(SubmitError::NotReady { .. })
+    ));
 
     let (w, _) = worker(1, WorkerConfig::default());
     let mut unknown = job("x", 1, 1);
     unknown.ensemble = "nope".into();
-    assert!(matches!(w.submit(unknown), Err(SubmitError::UnknownEnsemble(_))));
+    assert!(matches!(
+        w.submit(unknown),
+        Err(SubmitError::UnknownEnsemble(_))
+    ));
     let mut bad_mode = job("x", 1, 1);
     bad_mode.mode = EnsembleMode::Merge;
     match w.submit(bad_mode) {
@@ -251,8 +280,14 @@ fn validation_not_ready_and_draining() {
     let inflight = w.submit(job("x", 2, 1)).unwrap();
     w.begin_drain();
     assert!(!w.is_ready());
-    assert!(matches!(w.submit(job("x", 1, 1)), Err(SubmitError::Draining { .. })));
-    assert!(finish(inflight).is_ok(), "in-flight work finishes while draining");
+    assert!(matches!(
+        w.submit(job("x", 1, 1)),
+        Err(SubmitError::Draining { .. })
+    ));
+    assert!(
+        finish(inflight).is_ok(),
+        "in-flight work finishes while draining"
+    );
     assert!(w.wait_idle(Duration::from_secs(5)));
 }
 
@@ -276,7 +311,10 @@ fn the_registry_engine_serves_the_committed_tiny_ensemble() {
     let catalog = handle.catalog().unwrap();
     let tiny = catalog.ensemble("tiny-afa").unwrap();
     assert_eq!(tiny.members.len(), 2);
-    assert!(tiny.modes.contains(&"merge".to_string()) && tiny.modes.contains(&"single:tiny-b".to_string()));
+    assert!(
+        tiny.modes.contains(&"merge".to_string())
+            && tiny.modes.contains(&"single:tiny-b".to_string())
+    );
     let mut j = job("a photo of a cat", 2, 5);
     j.ensemble = "tiny-afa".into();
     j.width = 128;
@@ -285,13 +323,19 @@ fn the_registry_engine_serves_the_committed_tiny_ensemble() {
     j.attention_maps = MapsRequest::Averaged;
     let out = finish(handle.submit(j.clone()).unwrap()).unwrap();
     assert_eq!(out.images.len(), 2);
-    assert_eq!(out.experts, vec!["tiny-a".to_string(), "tiny-b".to_string()]);
+    assert_eq!(
+        out.experts,
+        vec!["tiny-a".to_string(), "tiny-b".to_string()]
+    );
     for image in &out.images {
         assert!(image.png.starts_with(b"\x89PNG"));
         let maps = image.attention_maps.as_ref().unwrap();
         assert_eq!(maps.len(), 25);
         assert_eq!(maps[0].shape, [2, 16, 16]);
-        let sum: f32 = (0..256).map(|p| maps[0].values[p] + maps[0].values[256 + p]).sum::<f32>() / 256.0;
+        let sum: f32 = (0..256)
+            .map(|p| maps[0].values[p] + maps[0].values[256 + p])
+            .sum::<f32>()
+            / 256.0;
         assert!((sum - 1.0).abs() < 1e-4);
     }
     // Same seeds alone -> same PNG bytes (seed reproducible across batch sizes).
@@ -300,5 +344,5 @@ fn the_registry_engine_serves_the_committed_tiny_ensemble() {
     alone.attention_maps = MapsRequest::Off;
     let again = finish(handle.submit(alone).unwrap()).unwrap();
     assert_eq!(again.images[0].seed, 6);
-    assert_eq!(again.images[0].png.len() > 100, true);
+    assert!(again.images[0].png.len() > 100);
 }

@@ -14,7 +14,8 @@ use clap::Args;
 
 use crate::config::{MemberFormat, ModelRegistry};
 use crate::loading::aggregators::{
-    AggregatorCheckpoint, MemberStamp, is_official_folder, write_aggregator_file, write_official_aggregators,
+    AggregatorCheckpoint, MemberStamp, is_official_folder, write_aggregator_file,
+    write_official_aggregators,
 };
 use crate::loading::ensemble::{open_declared, open_official};
 
@@ -38,12 +39,18 @@ pub struct ConvertArgs {
 /// Runs `afa convert`.
 pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     if args.to.exists() && args.to.is_dir() && std::fs::read_dir(&args.to)?.next().is_some() {
-        bail!("{} exists and is not empty; choose a new output", args.to.display());
+        bail!(
+            "{} exists and is not empty; choose a new output",
+            args.to.display()
+        );
     }
     let declared = declared_members(args)?;
     if args.from.is_dir() {
         if !is_official_folder(&args.from) {
-            bail!("{} is not an official AFA folder (model_config.json + aggregator_0/)", args.from.display());
+            bail!(
+                "{} is not an official AFA folder (model_config.json + aggregator_0/)",
+                args.from.display()
+            );
         }
         let checkpoint = AggregatorCheckpoint::open_official(&args.from)?;
         let stamps = match declared {
@@ -59,7 +66,8 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
     } else {
         let checkpoint = AggregatorCheckpoint::open_file(&args.from)?;
         let tensors = all_tensors(&checkpoint)?;
-        std::fs::create_dir_all(&args.to).with_context(|| format!("creating {}", args.to.display()))?;
+        std::fs::create_dir_all(&args.to)
+            .with_context(|| format!("creating {}", args.to.display()))?;
         write_official_aggregators(&args.to, &tensors, &checkpoint.configs)?;
         if let Some((members, parts)) = declared {
             let channels: Vec<usize> = checkpoint.configs.iter().map(|c| c.in_channels).collect();
@@ -96,7 +104,9 @@ fn declared_members(
     Ok(Some((folders, parts)))
 }
 
-fn all_tensors(c: &AggregatorCheckpoint) -> anyhow::Result<Vec<Vec<(String, candle_core::Tensor)>>> {
+fn all_tensors(
+    c: &AggregatorCheckpoint,
+) -> anyhow::Result<Vec<Vec<(String, candle_core::Tensor)>>> {
     (0..c.configs.len()).map(|k| Ok(c.tensors(k)?)).collect()
 }
 
@@ -137,7 +147,10 @@ fn copy_experts(members: &[PathBuf], to: &Path) -> anyhow::Result<()> {
     }
     for (i, m) in members.iter().enumerate().skip(1) {
         copy_dir(&m.join("unet"), &to.join(format!("additional_unet_{i}")))?;
-        copy_dir(&m.join("text_encoder"), &to.join(format!("additional_text_encoder_{i}")))?;
+        copy_dir(
+            &m.join("text_encoder"),
+            &to.join(format!("additional_text_encoder_{i}")),
+        )?;
     }
     Ok(())
 }

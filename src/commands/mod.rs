@@ -1,4 +1,6 @@
 //! What each subcommand does, between the parsed command line (`cli`) and the library layers.
+pub mod check_models;
 pub mod convert;
 pub mod generate;
 mod generate_ensemble;
+pub mod serve;

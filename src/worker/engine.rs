@@ -69,8 +69,12 @@ pub trait Engine: Send {
     fn catalog(&self) -> Catalog;
     /// Runs one batch of images sharing `key`. `observer` gets progress and is polled for
     /// cancellation (`is_image_cancelled(i)` with i the position in `images`).
-    fn run(&mut self, key: &BatchKey, images: &[ImageSpec], observer: &mut dyn Observer)
-    -> Result<BatchOutcome, JobError>;
+    fn run(
+        &mut self,
+        key: &BatchKey,
+        images: &[ImageSpec],
+        observer: &mut dyn Observer,
+    ) -> Result<BatchOutcome, JobError>;
 }
 
 /// All ensembles of a registry, loaded.
@@ -118,14 +122,22 @@ fn describe(entry: &EnsembleEntry, loaded: &LoadedEnsemble) -> EnsembleCatalog {
         default_width: d.width,
         default_height: d.height,
         default_mode: d.mode.clone(),
-        allowed_sizes: entry.allowed_sizes.iter().filter_map(|s| parse_size(s)).collect(),
+        allowed_sizes: entry
+            .allowed_sizes
+            .iter()
+            .filter_map(|s| parse_size(s))
+            .collect(),
         created: now_unix(),
     }
 }
 
 impl RegistryEngine {
     /// Loads every ensemble of `registry` onto `device`. `dtype` overrides each entry's.
-    pub fn load(registry: &ModelRegistry, device: &Device, dtype: Option<DType>) -> Result<Self, String> {
+    pub fn load(
+        registry: &ModelRegistry,
+        device: &Device,
+        dtype: Option<DType>,
+    ) -> Result<Self, String> {
         let mut ensembles = Vec::new();
         for entry in &registry.ensembles {
             let dtype = dtype.unwrap_or(match entry.dtype {
@@ -151,7 +163,11 @@ impl RegistryEngine {
         let catalog = Catalog {
             ensembles: ensembles.iter().map(|(c, _)| c.clone()).collect(),
             default_ensemble,
-            device: if device.is_cpu() { "cpu".into() } else { "cuda".into() },
+            device: if device.is_cpu() {
+                "cpu".into()
+            } else {
+                "cuda".into()
+            },
             dtype: format!("{:?}", dtype.unwrap_or(DType::F32)).to_lowercase(),
             limits: Limits::default(),
         };
@@ -186,7 +202,10 @@ impl Engine for RegistryEngine {
             field: field.into(),
             reason,
         };
-        let mode: EnsembleMode = key.mode.parse().map_err(|e| invalid("ensemble_mode", format!("{e}")))?;
+        let mode: EnsembleMode = key
+            .mode
+            .parse()
+            .map_err(|e| invalid("ensemble_mode", format!("{e}")))?;
         let denoiser = loaded
             .ensemble
             .denoiser(&mode)
@@ -222,7 +241,10 @@ impl Engine for RegistryEngine {
             Err(e) => return Err(JobError::Failed(e.to_string())),
         };
         let maps = match &output.attention_maps {
-            Some(m) => Some(per_image_maps(m, output.images.len()).map_err(|e| JobError::Failed(e.to_string()))?),
+            Some(m) => Some(
+                per_image_maps(m, output.images.len())
+                    .map_err(|e| JobError::Failed(e.to_string()))?,
+            ),
             None => None,
         };
         let mut results: Vec<Option<ImageResult>> = vec![None; images.len()];
@@ -244,7 +266,12 @@ impl Engine for RegistryEngine {
                 decode: t.decode,
                 png_encode: t.png_encode,
             },
-            experts: loaded.ensemble.members().iter().map(|m| m.name.clone()).collect(),
+            experts: loaded
+                .ensemble
+                .members()
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
         })
     }
 }
@@ -256,7 +283,11 @@ fn per_image_maps(maps: &CollectedMaps, b: usize) -> candle_core::Result<Vec<Vec
     let mut add = |step: Option<usize>, point: usize, t: &Tensor| -> candle_core::Result<()> {
         let (_, n, h, w) = t.dims4()?;
         for (p, maps) in out.iter_mut().enumerate() {
-            let values = t.get(b + p)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let values = t
+                .get(b + p)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             maps.push(ImageMap {
                 point,
                 step,
@@ -284,7 +315,10 @@ fn per_image_maps(maps: &CollectedMaps, b: usize) -> candle_core::Result<Vec<Vec
 }
 
 /// Checks a job against the catalog before it is queued, naming the field at fault.
-pub fn validate_job(catalog: &Catalog, job: &super::GenerationJob) -> Result<(), super::SubmitError> {
+pub fn validate_job(
+    catalog: &Catalog,
+    job: &super::GenerationJob,
+) -> Result<(), super::SubmitError> {
     use super::SubmitError;
     let invalid = |field: &str, reason: String| SubmitError::Invalid {
         field: field.into(),
@@ -297,14 +331,28 @@ pub fn validate_job(catalog: &Catalog, job: &super::GenerationJob) -> Result<(),
     if !entry.modes.contains(&mode) {
         return Err(invalid(
             "ensemble_mode",
-            format!("'{mode}' is not available for {} (available: {})", entry.name, entry.modes.join(", ")),
+            format!(
+                "'{mode}' is not available for {} (available: {})",
+                entry.name,
+                entry.modes.join(", ")
+            ),
         ));
     }
     if !entry.allowed_sizes.is_empty() && !entry.allowed_sizes.contains(&(job.width, job.height)) {
-        let sizes: Vec<String> = entry.allowed_sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect();
+        let sizes: Vec<String> = entry
+            .allowed_sizes
+            .iter()
+            .map(|(w, h)| format!("{w}x{h}"))
+            .collect();
         return Err(invalid(
             "size",
-            format!("{}x{} is not served by {} (allowed: {})", job.width, job.height, entry.name, sizes.join(", ")),
+            format!(
+                "{}x{} is not served by {} (allowed: {})",
+                job.width,
+                job.height,
+                entry.name,
+                sizes.join(", ")
+            ),
         ));
     }
     let request = BatchRequest {

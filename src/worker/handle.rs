@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::contract::{GenerationJob, ImageResult, JobError, JobEvent, JobOutput, JobTimings, SubmitError};
+use super::contract::{
+    GenerationJob, ImageResult, JobError, JobEvent, JobOutput, JobTimings, SubmitError,
+};
 use super::engine::{Catalog, Engine, validate_job};
 use super::queue::{Queue, WorkItem};
 use crate::pipeline::Observer;
@@ -144,7 +146,11 @@ pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
 
 /// Seconds until `queued` images are likely done at `rate` images/s (1..=600).
 fn retry_after(queued: usize, rate: f64) -> Duration {
-    let secs = if rate > 0.0 { (queued as f64 / rate).ceil() } else { 10.0 };
+    let secs = if rate > 0.0 {
+        (queued as f64 / rate).ceil()
+    } else {
+        10.0
+    };
     Duration::from_secs(secs.clamp(1.0, 600.0) as u64)
 }
 
@@ -159,7 +165,11 @@ impl WorkerHandle {
                 retry_after: Duration::from_secs(5),
             });
         }
-        let Some(catalog) = state.catalog.clone().filter(|_| s.ready.load(Ordering::SeqCst)) else {
+        let Some(catalog) = state
+            .catalog
+            .clone()
+            .filter(|_| s.ready.load(Ordering::SeqCst))
+        else {
             state.stats.rejected_not_ready += 1;
             return Err(SubmitError::NotReady {
                 retry_after: Duration::from_secs(5),
@@ -291,7 +301,11 @@ fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) {
         let min = catalog.limits.min_side;
         let key = super::BatchKey {
             ensemble: e.name.clone(),
-            mode: if e.modes.contains(&e.default_mode) { e.default_mode.clone() } else { "mean".into() },
+            mode: if e.modes.contains(&e.default_mode) {
+                e.default_mode.clone()
+            } else {
+                "mean".into()
+            },
             width: e.allowed_sizes.first().map(|s| s.0).unwrap_or(min),
             height: e.allowed_sizes.first().map(|s| s.1).unwrap_or(min),
             steps: 1,
@@ -360,7 +374,9 @@ fn next_batch_after_empty(shared: &Shared, state: MutexGuard<'_, State>) -> Opti
 fn drop_cancelled_and_expired(state: &mut State, timeout: Duration) {
     let ids: Vec<u64> = state.queue.waiting_jobs();
     for id in ids {
-        let Some(job) = state.jobs.get(&id) else { continue };
+        let Some(job) = state.jobs.get(&id) else {
+            continue;
+        };
         if job.tx.is_closed() {
             let n = state.queue.remove_job(id) as u64;
             state.stats.cancelled_images += n;
@@ -368,7 +384,9 @@ fn drop_cancelled_and_expired(state: &mut State, timeout: Duration) {
         } else if job.accepted_at.elapsed() > timeout {
             state.queue.remove_job(id);
             if let Some(job) = state.jobs.remove(&id) {
-                let _ = job.tx.send(JobEvent::Finished(Err(JobError::TimedOut(timeout))));
+                let _ = job
+                    .tx
+                    .send(JobEvent::Finished(Err(JobError::TimedOut(timeout))));
                 state.stats.failed_jobs += 1;
             }
         }
@@ -416,23 +434,30 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, batch: Vec<WorkItem>) {
         items: &batch,
         timeout: shared.config.request_timeout,
     };
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(&key, &specs, &mut observer)))
-        .unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!("batch for {} panicked: {message}", key.ensemble);
-            Err(JobError::Failed(format!("the batch panicked: {message}")))
-        });
+    let outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(&key, &specs, &mut observer)))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!("batch for {} panicked: {message}", key.ensemble);
+                Err(JobError::Failed(format!("the batch panicked: {message}")))
+            });
     let elapsed = started.elapsed();
     let mut state = shared.lock();
     state.running = 0;
     state.stats.batches += 1;
     state.stats.last_batch_size = batch.len();
     match outcome {
-        Ok(outcome) => deliver(&mut state, &batch, outcome, elapsed, shared.config.request_timeout),
+        Ok(outcome) => deliver(
+            &mut state,
+            &batch,
+            outcome,
+            elapsed,
+            shared.config.request_timeout,
+        ),
         Err(error) => {
             for id in unique_jobs(&batch) {
                 state.queue.remove_job(id);
@@ -468,11 +493,17 @@ fn deliver(
     if done > 0 {
         let rate = done as f64 / elapsed.as_secs_f64().max(1e-6);
         let s = &mut state.stats;
-        s.images_per_second = if s.images_per_second == 0.0 { rate } else { 0.7 * s.images_per_second + 0.3 * rate };
+        s.images_per_second = if s.images_per_second == 0.0 {
+            rate
+        } else {
+            0.7 * s.images_per_second + 0.3 * rate
+        };
     }
     for (item, result) in batch.iter().zip(outcome.images) {
         let wait = item.enqueued_at.elapsed().saturating_sub(elapsed);
-        let Some(job) = state.jobs.get_mut(&item.job_id) else { continue };
+        let Some(job) = state.jobs.get_mut(&item.job_id) else {
+            continue;
+        };
         let Some(image) = result else {
             // Cancelled (receiver gone) or timed out mid-run.
             let timed_out = job.accepted_at.elapsed() > timeout;
@@ -511,7 +542,11 @@ fn deliver(
             s.decode += job.timings.decode;
             s.png_encode += job.timings.png_encode;
             let output = JobOutput {
-                images: job.results.into_iter().map(|r| r.expect("every image delivered")).collect(),
+                images: job
+                    .results
+                    .into_iter()
+                    .map(|r| r.expect("every image delivered"))
+                    .collect(),
                 timings: job.timings,
                 experts: job.experts,
             };

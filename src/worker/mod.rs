@@ -7,7 +7,8 @@ mod handle;
 pub mod queue;
 
 pub use contract::{
-    BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings, SubmitError,
+    BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
+    SubmitError,
 };
 pub use engine::{BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, validate_job};
 pub use handle::{EngineLoader, JobTicket, WorkerConfig, WorkerHandle, WorkerStats, start_worker};

@@ -101,7 +101,12 @@ impl Queue {
     pub fn ready_for_next(&self, max_batch: usize) -> usize {
         match self.next_key() {
             None => 0,
-            Some(key) => self.items.iter().filter(|i| &i.key == key).take(max_batch).count(),
+            Some(key) => self
+                .items
+                .iter()
+                .filter(|i| &i.key == key)
+                .take(max_batch)
+                .count(),
         }
     }
 
@@ -165,7 +170,13 @@ mod tests {
         let k = key("a", 10);
         let mut q = Queue::new(4);
         q.push_job(job(1, &k, 3)).unwrap();
-        assert_eq!(q.push_job(job(2, &k, 2)), Err(QueueFull { queued: 3, capacity: 4 }));
+        assert_eq!(
+            q.push_job(job(2, &k, 2)),
+            Err(QueueFull {
+                queued: 3,
+                capacity: 4
+            })
+        );
         assert_eq!(q.len(), 3);
         q.push_job(job(3, &k, 1)).unwrap();
         assert_eq!(q.len(), 4);
@@ -179,9 +190,15 @@ mod tests {
         q.push_job(job(2, &b, 2)).unwrap();
         q.push_job(job(3, &a, 2)).unwrap();
         let first = q.take_batch(4);
-        assert_eq!(first.iter().map(|i| i.job_id).collect::<Vec<_>>(), vec![1, 3, 3]);
+        assert_eq!(
+            first.iter().map(|i| i.job_id).collect::<Vec<_>>(),
+            vec![1, 3, 3]
+        );
         let second = q.take_batch(4);
-        assert_eq!(second.iter().map(|i| i.job_id).collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!(
+            second.iter().map(|i| i.job_id).collect::<Vec<_>>(),
+            vec![2, 2]
+        );
         assert!(q.is_empty());
     }
 

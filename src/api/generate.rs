@@ -1,0 +1,234 @@
+//! The generation handlers: parse, validate against the catalog, submit to the worker, wait
+//! for the result (or stream it), and answer as PNG bytes or JSON. Dropping the handler's
+//! future (the client went away) drops the `JobTicket`, which cancels the job.
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::ApiState;
+use super::body::{bytes_or_error, parse_json, query_to_json};
+use super::error::ApiError;
+use super::middleware::RequestId;
+use super::openai::{OpenAiImageRequest, to_native};
+use super::output::{native_json, openai_json, server_timing};
+use super::request::{NativeRequest, Validated, validate};
+use super::stream::{Flavor, sse_response};
+use crate::telemetry::Metrics;
+use crate::worker::{JobEvent, JobOutput, JobTicket};
+
+/// A random u64 (SipHash of a counter under per-process random keys).
+pub fn random_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// A seed for a request without one: 32 bits, so every client (and A1111) can hold it.
+fn draw_seed() -> u64 {
+    random_u64() & 0xffff_ffff
+}
+
+/// Counts a client disconnect when dropped before `finish`.
+pub(super) struct DisconnectGuard {
+    metrics: Arc<Metrics>,
+    done: bool,
+}
+
+impl DisconnectGuard {
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            done: false,
+        }
+    }
+
+    pub(super) fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for DisconnectGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.disconnect();
+            tracing::info!("client went away; job cancelled");
+        }
+    }
+}
+
+/// Validates and submits; returns the validated request and the ticket.
+fn submit(state: &ApiState, req: &NativeRequest) -> Result<(Validated, JobTicket), ApiError> {
+    let catalog = state.ready_catalog()?;
+    let capacity = state.worker.stats().queue_capacity;
+    let validated = validate(req, &catalog, capacity, draw_seed())?;
+    let ticket = state
+        .worker
+        .submit(validated.job.clone())
+        .map_err(ApiError::from_submit)?;
+    Ok((validated, ticket))
+}
+
+/// Waits for the job's result, skipping progress events.
+pub(super) async fn wait_output(
+    ticket: &mut JobTicket,
+    metrics: &Metrics,
+) -> Result<JobOutput, ApiError> {
+    while let Some(event) = ticket.events.recv().await {
+        if let JobEvent::Finished(result) = event {
+            let output = result.map_err(ApiError::from_job)?;
+            record_timings(metrics, &output);
+            return Ok(output);
+        }
+    }
+    Err(ApiError::Internal(
+        "the worker dropped the job without a result".into(),
+    ))
+}
+
+pub(super) fn record_timings(metrics: &Metrics, output: &JobOutput) {
+    let t = &output.timings;
+    metrics.job_finished(t.queue, [t.text_encode, t.denoise, t.decode, t.png_encode]);
+}
+
+fn accepts(headers: &HeaderMap, mime: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|part| part.trim().starts_with(mime)))
+}
+
+/// `POST /generate`.
+pub async fn native(
+    State(state): State<ApiState>,
+    Extension(id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
+    let wants_sse = req.stream.unwrap_or(false) || accepts(&headers, "text/event-stream");
+    run_native(state, id, req, wants_sse, accepts(&headers, "image/png")).await
+}
+
+/// `POST /generate/stream`: like `/generate`, answered with Server-Sent Events.
+pub async fn native_stream_post(
+    State(state): State<ApiState>,
+    Extension(id): Extension<RequestId>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
+    run_native(state, id, req, true, false).await
+}
+
+/// `GET /generate/stream?prompt=...&steps=...`: the same fields as query parameters.
+pub async fn native_stream_get(
+    State(state): State<ApiState>,
+    Extension(id): Extension<RequestId>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let json = query_to_json(query.as_deref().unwrap_or(""))?;
+    let req: NativeRequest = parse_json(json.to_string().as_bytes())?;
+    run_native(state, id, req, true, false).await
+}
+
+async fn run_native(
+    state: ApiState,
+    id: RequestId,
+    req: NativeRequest,
+    sse: bool,
+    png: bool,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (validated, mut ticket) = submit(&state, &req)?;
+    if sse {
+        let flavor = Flavor::Native {
+            request_id: id.0,
+            warnings: Vec::new(),
+        };
+        return Ok(sse_response(state, validated, ticket, flavor));
+    }
+    let mut guard = DisconnectGuard::new(state.metrics.clone());
+    let output = wait_output(&mut ticket, &state.metrics).await;
+    guard.finish();
+    let output = output?;
+    state
+        .metrics
+        .request_duration("/generate", started.elapsed());
+    if png && validated.job.images.len() == 1 && validated.maps.is_none() {
+        return Ok(png_response(&output));
+    }
+    let body = render_blocking(move || native_json(&output, &validated, &id.0, &[])).await?;
+    Ok(axum::Json(body).into_response())
+}
+
+/// Runs response rendering (base64, heat maps) off the async runtime.
+pub(super) async fn render_blocking<F>(f: F) -> Result<serde_json::Value, ApiError>
+where
+    F: FnOnce() -> Result<serde_json::Value, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("rendering the response: {e}")))?
+}
+
+/// The bare PNG answer, with seed, timings and warnings as headers.
+fn png_response(output: &JobOutput) -> Response {
+    let image = &output.images[0];
+    let mut r = ([(header::CONTENT_TYPE, "image/png")], image.png.clone()).into_response();
+    let h = r.headers_mut();
+    h.insert("x-seed", HeaderValue::from(image.seed));
+    if let Ok(v) = HeaderValue::from_str(&server_timing(&output.timings)) {
+        h.insert("server-timing", v);
+    }
+    for w in &image.warnings {
+        if let Ok(v) = HeaderValue::from_str(w) {
+            h.append("x-warning", v);
+        }
+    }
+    r
+}
+
+/// `POST /v1/images/generations`.
+pub async fn openai(
+    State(state): State<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let req: OpenAiImageRequest = parse_json(&bytes_or_error(body)?)?;
+    let (native, options) = to_native(req)?;
+    if let Some(user) = &options.user {
+        tracing::info!(user = %user, "openai request");
+    }
+    let (validated, mut ticket) = submit(&state, &native)?;
+    if options.stream {
+        let flavor = Flavor::OpenAi {
+            warnings: options.warnings,
+        };
+        return Ok(sse_response(state, validated, ticket, flavor));
+    }
+    let mut guard = DisconnectGuard::new(state.metrics.clone());
+    let output = wait_output(&mut ticket, &state.metrics).await;
+    guard.finish();
+    let output = output?;
+    state
+        .metrics
+        .request_duration("/v1/images/generations", started.elapsed());
+    let warnings = options.warnings;
+    let body = render_blocking(move || Ok(openai_json(&output, &validated, &warnings))).await?;
+    Ok(axum::Json(body).into_response())
+}

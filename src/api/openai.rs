@@ -1,0 +1,192 @@
+//! The OpenAI-compatible request (`POST /v1/images/generations`) and its conversion into the
+//! native request, as a pure function. Our extensions (`seed`, `negative_prompt`, `steps`,
+//! `guidance_scale`, `scheduler`, `ensemble_mode`, `return_attention_maps`) are top-level
+//! fields, which is where the official client's `extra_body` puts them.
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::request::NativeRequest;
+use crate::worker::Catalog;
+
+/// Body of `POST /v1/images/generations`. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiImageRequest {
+    pub prompt: String,
+    pub model: Option<String>,
+    pub n: Option<u64>,
+    /// "WxH" or "auto".
+    pub size: Option<String>,
+    /// "b64_json" (default); "url" needs the job store, which this server does not run yet.
+    pub response_format: Option<String>,
+    pub quality: Option<String>,
+    pub style: Option<String>,
+    /// Recorded in the log line of the request.
+    pub user: Option<String>,
+    pub output_format: Option<String>,
+    pub stream: Option<bool>,
+    pub seed: Option<u64>,
+    pub negative_prompt: Option<String>,
+    pub steps: Option<u64>,
+    pub guidance_scale: Option<f64>,
+    pub scheduler: Option<String>,
+    pub ensemble_mode: Option<String>,
+    pub return_attention_maps: Option<Value>,
+}
+
+/// What the OpenAI route needs beyond the native request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OpenAiOptions {
+    pub stream: bool,
+    /// Notes for the response (`quality`/`style` have no effect on this model family).
+    pub warnings: Vec<String>,
+    pub user: Option<String>,
+}
+
+const QUALITIES: [&str; 6] = ["auto", "standard", "hd", "low", "medium", "high"];
+const STYLES: [&str; 2] = ["vivid", "natural"];
+
+/// Converts an OpenAI request into the native one. Validation of shared fields happens later,
+/// on the native request; here only the OpenAI-only fields are checked.
+pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOptions), ApiError> {
+    match req.response_format.as_deref() {
+        None | Some("b64_json") => {}
+        Some("url") => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format 'url' needs the job store that serves image files, which this server does not run yet; use 'b64_json'",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("unknown response_format '{other}' (b64_json)"),
+            ));
+        }
+    }
+    let mut warnings = Vec::new();
+    if let Some(q) = req.quality.as_deref() {
+        if !QUALITIES.contains(&q) {
+            return Err(ApiError::invalid(
+                "quality",
+                format!("unknown quality '{q}' (one of: {})", QUALITIES.join(", ")),
+            ));
+        }
+        if q != "auto" {
+            warnings.push(format!(
+                "quality '{q}' has no effect here; set steps instead"
+            ));
+        }
+    }
+    if let Some(s) = req.style.as_deref() {
+        if !STYLES.contains(&s) {
+            return Err(ApiError::invalid(
+                "style",
+                format!("unknown style '{s}' (vivid or natural)"),
+            ));
+        }
+        warnings.push(format!(
+            "style '{s}' has no effect here; describe the style in the prompt"
+        ));
+    }
+    let native = NativeRequest {
+        prompt: req.prompt,
+        negative_prompt: req.negative_prompt,
+        model: req.model,
+        n: req.n,
+        width: None,
+        height: None,
+        size: req.size,
+        seed: req.seed,
+        steps: req.steps,
+        guidance_scale: req.guidance_scale,
+        scheduler: req.scheduler,
+        ensemble_mode: req.ensemble_mode,
+        return_attention_maps: req.return_attention_maps,
+        output_format: req.output_format,
+        stream: None,
+    };
+    let options = OpenAiOptions {
+        stream: req.stream.unwrap_or(false),
+        warnings,
+        user: req.user,
+    };
+    Ok((native, options))
+}
+
+/// `GET /v1/models` body.
+pub fn models_list(catalog: &Catalog) -> Value {
+    let data: Vec<Value> = catalog
+        .ensembles
+        .iter()
+        .map(|e| model_object(catalog, &e.name))
+        .collect();
+    json!({"object": "list", "data": data})
+}
+
+/// One entry of `/v1/models` (`None` for an unknown id).
+pub fn model_object(catalog: &Catalog, id: &str) -> Value {
+    match catalog.ensemble(id) {
+        Some(e) => json!({
+            "id": e.name,
+            "object": "model",
+            "created": e.created,
+            "owned_by": "afa-server",
+            "untrained": e.untrained,
+        }),
+        None => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> OpenAiImageRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn extensions_and_size_carry_over() {
+        let (n, o) = to_native(parse(json!({
+            "prompt": "a fox", "model": "tiny-afa", "n": 2, "size": "128x128",
+            "response_format": "b64_json", "seed": 9, "steps": 3, "guidance_scale": 2.0,
+            "negative_prompt": "blur", "scheduler": "euler-a", "ensemble_mode": "mean",
+            "stream": true, "user": "u1", "quality": "auto"
+        })))
+        .unwrap();
+        assert_eq!(n.prompt, "a fox");
+        assert_eq!(n.model.as_deref(), Some("tiny-afa"));
+        assert_eq!((n.n, n.seed, n.steps), (Some(2), Some(9), Some(3)));
+        assert_eq!(n.size.as_deref(), Some("128x128"));
+        assert_eq!(n.guidance_scale, Some(2.0));
+        assert_eq!(n.negative_prompt.as_deref(), Some("blur"));
+        assert_eq!(n.scheduler.as_deref(), Some("euler-a"));
+        assert_eq!(n.ensemble_mode.as_deref(), Some("mean"));
+        assert_eq!(n.stream, None);
+        assert!(o.stream);
+        assert!(o.warnings.is_empty());
+        assert_eq!(o.user.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn openai_only_fields_are_checked() {
+        let err = |v: Value| to_native(parse(v)).unwrap_err().body()["error"]["param"].clone();
+        assert_eq!(
+            err(json!({"prompt": "a", "response_format": "url"})),
+            "response_format"
+        );
+        assert_eq!(
+            err(json!({"prompt": "a", "response_format": "gif"})),
+            "response_format"
+        );
+        assert_eq!(err(json!({"prompt": "a", "quality": "ultra"})), "quality");
+        assert_eq!(err(json!({"prompt": "a", "style": "weird"})), "style");
+        let (_, o) = to_native(parse(
+            json!({"prompt": "a", "quality": "hd", "style": "vivid"}),
+        ))
+        .unwrap();
+        assert_eq!(o.warnings.len(), 2);
+    }
+}

@@ -1,0 +1,226 @@
+//! Turning a finished job into response bodies: the native JSON (base64 PNGs, seeds, timings,
+//! warnings, attention maps as PNG heat maps and/or raw arrays), the OpenAI JSON, and the
+//! headers of a bare-PNG answer. Map rendering is CPU work: callers run it off the runtime.
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use candle_core::{Device, Tensor};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::request::{MapsOutput, Validated};
+use crate::pipeline::maps::{heatmap_png, legend_text};
+use crate::worker::{ImageMap, JobOutput, JobTimings};
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Per-stage timings in milliseconds.
+pub fn timings_json(t: &JobTimings) -> Value {
+    json!({
+        "queue_ms": ms(t.queue),
+        "text_encode_ms": ms(t.text_encode),
+        "denoise_ms": ms(t.denoise),
+        "decode_ms": ms(t.decode),
+        "png_encode_ms": ms(t.png_encode),
+    })
+}
+
+/// A `Server-Timing` header value (`queue;dur=1.2, denoise;dur=80.1, ...`).
+pub fn server_timing(t: &JobTimings) -> String {
+    [
+        ("queue", t.queue),
+        ("text_encode", t.text_encode),
+        ("denoise", t.denoise),
+        ("decode", t.decode),
+        ("png_encode", t.png_encode),
+    ]
+    .iter()
+    .map(|(n, d)| format!("{n};dur={}", ms(*d)))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// The parameters the job ran with (echoed so a client can reproduce it).
+pub fn parameters_json(v: &Validated) -> Value {
+    let j = &v.job;
+    let first = &j.images[0];
+    json!({
+        "prompt": first.prompt,
+        "negative_prompt": first.negative_prompt,
+        "model": j.ensemble,
+        "ensemble_mode": j.mode.to_string(),
+        "n": j.images.len(),
+        "width": j.width,
+        "height": j.height,
+        "steps": j.steps,
+        "guidance_scale": v.guidance_scale,
+        "scheduler": j.scheduler.as_str(),
+        "seed": first.seed,
+    })
+}
+
+/// Warnings of all images, without repeats, plus `extra`.
+pub fn warnings(output: &JobOutput, extra: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = extra.to_vec();
+    for w in output.images.iter().flat_map(|i| &i.warnings) {
+        if !out.contains(w) {
+            out.push(w.clone());
+        }
+    }
+    out
+}
+
+/// The native JSON answer.
+pub fn native_json(
+    output: &JobOutput,
+    v: &Validated,
+    request_id: &str,
+    extra_warnings: &[String],
+) -> Result<Value, ApiError> {
+    let legend = legend_text(&output.experts);
+    let images = output
+        .images
+        .iter()
+        .enumerate()
+        .map(|(index, img)| {
+            let mut o = json!({
+                "index": index,
+                "seed": img.seed,
+                "png_base64": B64.encode(&img.png),
+                "warnings": img.warnings,
+            });
+            if let (Some(opts), Some(maps)) = (&v.maps, &img.attention_maps) {
+                o["attention_maps"] = Value::Array(render_maps(maps, opts, v.job.width, &legend)?);
+            }
+            Ok(o)
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(json!({
+        "id": request_id,
+        "created": unix_now(),
+        "model": v.job.ensemble,
+        "images": images,
+        "seeds": output.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        "experts": output.experts,
+        "parameters": parameters_json(v),
+        "timings": timings_json(&output.timings),
+        "warnings": warnings(output, extra_warnings),
+    }))
+}
+
+/// The OpenAI JSON answer (`data[i].b64_json`, plus harmless extra keys).
+pub fn openai_json(output: &JobOutput, v: &Validated, extra_warnings: &[String]) -> Value {
+    let data: Vec<Value> = output
+        .images
+        .iter()
+        .map(|img| json!({"b64_json": B64.encode(&img.png), "seed": img.seed}))
+        .collect();
+    json!({
+        "created": unix_now(),
+        "data": data,
+        "model": v.job.ensemble,
+        "output_format": "png",
+        "size": format!("{}x{}", v.job.width, v.job.height),
+        "timings": timings_json(&output.timings),
+        "warnings": warnings(output, extra_warnings),
+    })
+}
+
+/// The maps of one image as JSON: point, step, shape, and the asked-for encodings.
+fn render_maps(
+    maps: &[ImageMap],
+    opts: &MapsOutput,
+    width: usize,
+    legend: &str,
+) -> Result<Vec<Value>, ApiError> {
+    let internal = |e: String| ApiError::Internal(format!("rendering attention maps: {e}"));
+    maps.iter()
+        .filter(|m| opts.blocks.as_ref().is_none_or(|b| b.contains(&m.point)))
+        .map(|m| {
+            let mut o = json!({"point": m.point, "step": m.step, "shape": m.shape});
+            if opts.png {
+                let t = Tensor::from_vec(m.values.clone(), m.shape.to_vec(), &Device::Cpu)
+                    .map_err(|e| internal(e.to_string()))?;
+                let scale = (width / m.shape[2].max(1)).max(1);
+                let png = heatmap_png(&t, scale, legend).map_err(|e| internal(e.to_string()))?;
+                o["heatmap_png_base64"] = Value::String(B64.encode(png));
+            }
+            if opts.f32 {
+                let bytes: Vec<u8> = m.values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                o["f32_base64"] = Value::String(B64.encode(bytes));
+            }
+            if opts.f16 {
+                let bytes: Vec<u8> = m
+                    .values
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect();
+                o["f16_base64"] = Value::String(B64.encode(bytes));
+            }
+            Ok(o)
+        })
+        .collect()
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn maps_render_in_every_format() {
+        let map = ImageMap {
+            point: 3,
+            step: None,
+            shape: [2, 2, 2],
+            values: vec![1.0, 0.0, 0.5, 0.25, 0.0, 1.0, 0.5, 0.75],
+        };
+        let opts = MapsOutput {
+            blocks: None,
+            png: true,
+            f32: true,
+            f16: true,
+        };
+        let out = render_maps(std::slice::from_ref(&map), &opts, 16, "a, b").unwrap();
+        assert_eq!(out[0]["shape"], json!([2, 2, 2]));
+        let png = B64
+            .decode(out[0]["heatmap_png_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        assert_eq!(
+            B64.decode(out[0]["f32_base64"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        assert_eq!(
+            B64.decode(out[0]["f16_base64"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            16
+        );
+        let only = MapsOutput {
+            blocks: Some(vec![1]),
+            ..opts
+        };
+        assert!(render_maps(&[map], &only, 16, "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn server_timing_lists_stages() {
+        let t = JobTimings {
+            denoise: Duration::from_millis(12),
+            ..Default::default()
+        };
+        assert!(server_timing(&t).contains("denoise;dur=12"));
+    }
+}

@@ -1,0 +1,510 @@
+//! The native request (`POST /generate`) and its validation into a `GenerationJob`: defaults
+//! from the ensemble's catalog entry, bounds from `Limits`, seeds drawn when absent (image i
+//! uses seed + i). Pure functions, unit-tested without a server.
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::config::parse_size;
+use crate::ensemble::EnsembleMode;
+use crate::pipeline::{ImageSpec, MapsRequest};
+use crate::schedulers::SchedulerKind;
+use crate::worker::{Catalog, EnsembleCatalog, GenerationJob};
+
+/// Body of `POST /generate`. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    /// Ensemble name; the default ensemble when absent.
+    pub model: Option<String>,
+    pub n: Option<u64>,
+    pub width: Option<u64>,
+    pub height: Option<u64>,
+    /// "WxH", an alternative to width/height.
+    pub size: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<u64>,
+    pub guidance_scale: Option<f64>,
+    pub scheduler: Option<String>,
+    pub ensemble_mode: Option<String>,
+    /// false | true | {"steps": "mean"|"all", "blocks": [points], "format": "png"|"f32"|"f16"|[...]}
+    pub return_attention_maps: Option<Value>,
+    /// Only "png".
+    pub output_format: Option<String>,
+    /// Answer with Server-Sent Events (progress, then the result).
+    pub stream: Option<bool>,
+}
+
+/// How attention maps are returned.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MapsOutput {
+    /// Only these aggregation points (all when `None`).
+    pub blocks: Option<Vec<usize>>,
+    pub png: bool,
+    pub f32: bool,
+    pub f16: bool,
+}
+
+/// A request after validation: the job for the worker plus what the response needs.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub job: GenerationJob,
+    pub guidance_scale: f64,
+    /// `None` when maps were not asked for.
+    pub maps: Option<MapsOutput>,
+    pub stream: bool,
+}
+
+/// Checks `req` against `catalog`; `drawn_seed` is used when the request has no seed and
+/// `queue_capacity` bounds n.
+pub fn validate(
+    req: &NativeRequest,
+    catalog: &Catalog,
+    queue_capacity: usize,
+    drawn_seed: u64,
+) -> Result<Validated, ApiError> {
+    let limits = &catalog.limits;
+    let name = req.model.as_deref().unwrap_or(&catalog.default_ensemble);
+    let entry = catalog
+        .ensemble(name)
+        .ok_or_else(|| ApiError::unknown_model(name))?;
+    check_prompt(&req.prompt, "prompt", limits.max_prompt_bytes, true)?;
+    let negative = req.negative_prompt.clone().unwrap_or_default();
+    check_prompt(&negative, "negative_prompt", limits.max_prompt_bytes, false)?;
+    let max_n = limits.max_batch.min(queue_capacity.max(1));
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > max_n as u64 {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be 1..={max_n}, got {n}"),
+        ));
+    }
+    let (width, height) = resolve_size(req, entry, catalog)?;
+    let steps = req.steps.unwrap_or(entry.default_steps as u64);
+    if steps == 0 || steps > limits.max_steps as u64 {
+        return Err(ApiError::invalid(
+            "steps",
+            format!("steps must be 1..={}, got {steps}", limits.max_steps),
+        ));
+    }
+    let guidance = req.guidance_scale.unwrap_or(entry.default_guidance);
+    if !guidance.is_finite() || guidance < 0.0 || guidance > limits.max_guidance {
+        return Err(ApiError::invalid(
+            "guidance_scale",
+            format!(
+                "guidance_scale must be 0..={}, got {guidance}",
+                limits.max_guidance
+            ),
+        ));
+    }
+    let scheduler = parse_scheduler(req.scheduler.as_deref(), entry)?;
+    let mode = parse_mode(req.ensemble_mode.as_deref(), entry)?;
+    if let Some(f) = req.output_format.as_deref().filter(|f| *f != "png") {
+        return Err(ApiError::invalid(
+            "output_format",
+            format!("output_format '{f}' is not supported; only 'png'"),
+        ));
+    }
+    let (attention_maps, maps) = parse_maps(req.return_attention_maps.as_ref())?;
+    if maps.is_some() && !mode_has_maps(&mode) {
+        return Err(ApiError::invalid(
+            "return_attention_maps",
+            format!(
+                "ensemble_mode '{mode}' has no aggregators, so no attention maps; use 'afa' or 'mean'"
+            ),
+        ));
+    }
+    let seed = req.seed.unwrap_or(drawn_seed);
+    let images = (0..n)
+        .map(|i| ImageSpec {
+            prompt: req.prompt.clone(),
+            negative_prompt: negative.clone(),
+            seed: seed.wrapping_add(i),
+            guidance_scale: guidance,
+        })
+        .collect();
+    Ok(Validated {
+        job: GenerationJob {
+            ensemble: entry.name.clone(),
+            mode,
+            images,
+            width,
+            height,
+            steps: steps as usize,
+            scheduler,
+            attention_maps,
+        },
+        guidance_scale: guidance,
+        maps,
+        stream: req.stream.unwrap_or(false),
+    })
+}
+
+fn mode_has_maps(mode: &EnsembleMode) -> bool {
+    matches!(mode, EnsembleMode::Afa | EnsembleMode::Mean)
+}
+
+fn check_prompt(text: &str, field: &str, max: usize, required: bool) -> Result<(), ApiError> {
+    if required && text.trim().is_empty() {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must not be empty"),
+        ));
+    }
+    if text.len() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} is {} bytes; at most {max}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_size(
+    req: &NativeRequest,
+    entry: &EnsembleCatalog,
+    catalog: &Catalog,
+) -> Result<(usize, usize), ApiError> {
+    let limits = &catalog.limits;
+    let (w, h, param) = match (&req.size, req.width, req.height) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(ApiError::invalid(
+                "size",
+                "give either size or width/height, not both",
+            ));
+        }
+        (Some(s), None, None) if s == "auto" => (
+            entry.default_width as u64,
+            entry.default_height as u64,
+            "size",
+        ),
+        (Some(s), None, None) => {
+            let (w, h) = parse_size(s).ok_or_else(|| {
+                ApiError::invalid(
+                    "size",
+                    format!("size '{s}' is not WxH (for example 512x512)"),
+                )
+            })?;
+            (w as u64, h as u64, "size")
+        }
+        (None, w, h) => (
+            w.unwrap_or(entry.default_width as u64),
+            h.unwrap_or(entry.default_height as u64),
+            if w.is_none() && h.is_some() {
+                "height"
+            } else {
+                "width"
+            },
+        ),
+    };
+    for (side, field) in [(w, "width"), (h, "height")] {
+        let field = if param == "size" { "size" } else { field };
+        if side < limits.min_side as u64 || side > limits.max_side as u64 {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{side} is outside {}..={} pixels",
+                    limits.min_side, limits.max_side
+                ),
+            ));
+        }
+        if !side.is_multiple_of(8) {
+            return Err(ApiError::invalid(
+                field,
+                format!("{side} is not a multiple of 8"),
+            ));
+        }
+    }
+    if w * h > limits.max_pixels as u64 {
+        return Err(ApiError::TooLarge {
+            message: format!(
+                "{w}x{h} exceeds the pixel budget of {} pixels",
+                limits.max_pixels
+            ),
+            param: Some(param.to_string()),
+        });
+    }
+    let (w, h) = (w as usize, h as usize);
+    if !entry.allowed_sizes.is_empty() && !entry.allowed_sizes.contains(&(w, h)) {
+        let sizes: Vec<String> = entry
+            .allowed_sizes
+            .iter()
+            .map(|(w, h)| format!("{w}x{h}"))
+            .collect();
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "{w}x{h} is not served by {} (allowed: {})",
+                entry.name,
+                sizes.join(", ")
+            ),
+        ));
+    }
+    Ok((w, h))
+}
+
+fn parse_scheduler(s: Option<&str>, entry: &EnsembleCatalog) -> Result<SchedulerKind, ApiError> {
+    let name = s.unwrap_or(&entry.default_scheduler);
+    match name.parse::<SchedulerKind>() {
+        Ok(k) if entry.schedulers.iter().any(|x| x == name) => Ok(k),
+        _ => Err(ApiError::invalid(
+            "scheduler",
+            format!(
+                "unknown scheduler '{name}' (one of: {})",
+                entry.schedulers.join(", ")
+            ),
+        )),
+    }
+}
+
+fn parse_mode(s: Option<&str>, entry: &EnsembleCatalog) -> Result<EnsembleMode, ApiError> {
+    let name = s.unwrap_or(&entry.default_mode);
+    match name.parse::<EnsembleMode>() {
+        Ok(m) if entry.modes.iter().any(|x| *x == m.to_string()) => Ok(m),
+        _ => Err(ApiError::invalid(
+            "ensemble_mode",
+            format!(
+                "unknown ensemble_mode '{name}' for {} (one of: {})",
+                entry.name,
+                entry.modes.join(", ")
+            ),
+        )),
+    }
+}
+
+/// `return_attention_maps`: false/null (none), true (averaged, PNG heat maps), or an object.
+fn parse_maps(v: Option<&Value>) -> Result<(MapsRequest, Option<MapsOutput>), ApiError> {
+    const P: &str = "return_attention_maps";
+    let bad = |m: String| ApiError::invalid(P, m);
+    let obj = match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok((MapsRequest::Off, None)),
+        Some(Value::Bool(true)) => {
+            let out = MapsOutput {
+                png: true,
+                ..Default::default()
+            };
+            return Ok((MapsRequest::Averaged, Some(out)));
+        }
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(bad(format!(
+                "expected true, false or an object, got {other}"
+            )));
+        }
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["steps", "blocks", "format"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(
+            &format!("{P}.{k}"),
+            format!("unknown field '{P}.{k}' (expected steps, blocks, format)"),
+        ));
+    }
+    let request = match obj.get("steps").and_then(Value::as_str) {
+        None if obj.get("steps").is_none() => MapsRequest::Averaged,
+        Some("mean") => MapsRequest::Averaged,
+        Some("all") => MapsRequest::PerStep,
+        _ => return Err(bad("steps must be \"mean\" or \"all\"".into())),
+    };
+    let blocks = match obj.get("blocks") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| x.as_u64().map(|x| x as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("blocks must be a list of aggregation point indices".into()))?,
+        ),
+        Some(_) => {
+            return Err(bad(
+                "blocks must be a list of aggregation point indices".into()
+            ));
+        }
+    };
+    let formats: Vec<&str> = match obj.get("format") {
+        None => vec!["png"],
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        Some(_) => {
+            return Err(bad(
+                "format must be \"png\", \"f32\", \"f16\" or a list".into()
+            ));
+        }
+    };
+    let mut out = MapsOutput {
+        blocks,
+        ..Default::default()
+    };
+    for f in &formats {
+        match *f {
+            "png" => out.png = true,
+            "f32" => out.f32 = true,
+            "f16" => out.f16 = true,
+            other => return Err(bad(format!("unknown map format '{other}' (png, f32, f16)"))),
+        }
+    }
+    if formats.is_empty() {
+        return Err(bad("format names no format".into()));
+    }
+    Ok((request, Some(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Limits;
+
+    pub(crate) fn catalog() -> Catalog {
+        Catalog {
+            ensembles: vec![EnsembleCatalog {
+                name: "tiny".into(),
+                description: None,
+                untrained: true,
+                members: vec![("a".into(), "h1".into()), ("b".into(), "h2".into())],
+                modes: ["afa", "mean", "single:a", "single:b", "magicfusion"]
+                    .map(String::from)
+                    .to_vec(),
+                schedulers: SchedulerKind::ALL.iter().map(|k| k.to_string()).collect(),
+                default_steps: 10,
+                default_guidance: 7.5,
+                default_scheduler: "ddim".into(),
+                default_width: 128,
+                default_height: 128,
+                default_mode: "afa".into(),
+                allowed_sizes: vec![],
+                created: 0,
+            }],
+            default_ensemble: "tiny".into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            limits: Limits::default(),
+        }
+    }
+
+    fn req(json: serde_json::Value) -> NativeRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn param(json: serde_json::Value) -> (u16, Option<String>) {
+        let e = validate(&req(json), &catalog(), 64, 7).unwrap_err();
+        let p = e.body()["error"]["param"].as_str().map(String::from);
+        (e.status().as_u16(), p)
+    }
+
+    #[test]
+    fn defaults_and_seeds() {
+        let v = validate(
+            &req(serde_json::json!({"prompt": "a cat", "n": 3})),
+            &catalog(),
+            64,
+            41,
+        )
+        .unwrap();
+        assert_eq!(v.job.ensemble, "tiny");
+        assert_eq!((v.job.width, v.job.height, v.job.steps), (128, 128, 10));
+        let seeds: Vec<u64> = v.job.images.iter().map(|i| i.seed).collect();
+        assert_eq!(seeds, [41, 42, 43]);
+        assert_eq!(v.job.attention_maps, MapsRequest::Off);
+        let v = validate(
+            &req(serde_json::json!({"prompt": "a", "seed": 5, "size": "64x192"})),
+            &catalog(),
+            64,
+            41,
+        )
+        .unwrap();
+        assert_eq!(
+            (v.job.images[0].seed, v.job.width, v.job.height),
+            (5, 64, 192)
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        use serde_json::json;
+        let cases = [
+            (json!({"prompt": ""}), 400, "prompt"),
+            (
+                json!({"prompt": "a", "negative_prompt": "x".repeat(20000)}),
+                400,
+                "negative_prompt",
+            ),
+            (json!({"prompt": "a", "n": 0}), 400, "n"),
+            (json!({"prompt": "a", "n": 17}), 400, "n"),
+            (json!({"prompt": "a", "width": 100}), 400, "width"),
+            (json!({"prompt": "a", "height": 8}), 400, "height"),
+            (json!({"prompt": "a", "size": "2048x2048"}), 413, "size"),
+            (json!({"prompt": "a", "size": "big"}), 400, "size"),
+            (
+                json!({"prompt": "a", "size": "64x64", "width": 64}),
+                400,
+                "size",
+            ),
+            (json!({"prompt": "a", "steps": 0}), 400, "steps"),
+            (
+                json!({"prompt": "a", "guidance_scale": -1.0}),
+                400,
+                "guidance_scale",
+            ),
+            (
+                json!({"prompt": "a", "scheduler": "plms"}),
+                400,
+                "scheduler",
+            ),
+            (
+                json!({"prompt": "a", "ensemble_mode": "merge"}),
+                400,
+                "ensemble_mode",
+            ),
+            (json!({"prompt": "a", "model": "nope"}), 404, "model"),
+            (
+                json!({"prompt": "a", "output_format": "webp"}),
+                400,
+                "output_format",
+            ),
+            (
+                json!({"prompt": "a", "return_attention_maps": 3}),
+                400,
+                "return_attention_maps",
+            ),
+            (
+                json!({"prompt": "a", "return_attention_maps": {"x": 1}}),
+                400,
+                "return_attention_maps.x",
+            ),
+            (
+                json!({"prompt": "a", "ensemble_mode": "single:a", "return_attention_maps": true}),
+                400,
+                "return_attention_maps",
+            ),
+        ];
+        for (json, status, field) in cases {
+            let text = json.to_string();
+            assert_eq!(param(json), (status, Some(field.to_string())), "{text}");
+        }
+        let e = validate(
+            &req(serde_json::json!({"prompt": "a", "n": 9})),
+            &catalog(),
+            8,
+            1,
+        )
+        .unwrap_err();
+        assert_eq!(e.status().as_u16(), 400);
+    }
+
+    #[test]
+    fn maps_options_parse() {
+        let v = validate(
+            &req(serde_json::json!({"prompt": "a", "return_attention_maps": {"steps": "all", "blocks": [0, 2], "format": ["png", "f16"]}})),
+            &catalog(),
+            64,
+            1,
+        )
+        .unwrap();
+        assert_eq!(v.job.attention_maps, MapsRequest::PerStep);
+        let m = v.maps.unwrap();
+        assert_eq!(m.blocks, Some(vec![0, 2]));
+        assert!(m.png && m.f16 && !m.f32);
+    }
+}

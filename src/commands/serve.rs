@@ -1,0 +1,156 @@
+//! `afa serve`: flags (each with an `AFA_*` environment equivalent) -> `app::serve`.
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+
+use crate::api::ApiKeys;
+use crate::app::{ServeSettings, serve};
+use crate::cli::{DeviceArg, DtypeArg};
+use crate::worker::WorkerConfig;
+
+/// A secret from the command line or environment; Debug never shows it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("an API key must not be empty".into());
+        }
+        Ok(Secret(s.trim().to_string()))
+    }
+}
+
+/// `afa serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The registry of members and served ensembles.
+    #[arg(long, env = "AFA_CONFIG", default_value = "./models.toml")]
+    pub config: PathBuf,
+    /// Address and port to listen on.
+    #[arg(long, env = "AFA_BIND", default_value = "0.0.0.0:8080")]
+    pub bind: String,
+    /// Most images per batch (1 turns batching off).
+    #[arg(long, env = "AFA_MAX_BATCH", default_value_t = 4)]
+    pub max_batch: usize,
+    /// How long a batch waits for compatible work before it starts, in milliseconds.
+    #[arg(long, env = "AFA_BATCH_WAIT_MS", default_value_t = 50)]
+    pub batch_wait_ms: u64,
+    /// Queue capacity, counted in images; beyond it requests get 429 + Retry-After.
+    #[arg(long, env = "AFA_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+    /// A job unfinished after this many seconds fails (504).
+    #[arg(long, env = "AFA_REQUEST_TIMEOUT_S", default_value_t = 600)]
+    pub request_timeout_s: u64,
+    /// On SIGTERM/SIGINT, how long in-flight work may take to finish.
+    #[arg(long, env = "AFA_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+    /// Accepted bearer keys (repeatable; comma-separated in AFA_API_KEY). None: any key works.
+    #[arg(
+        long = "api-key",
+        env = "AFA_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<Secret>,
+    #[arg(long, env = "AFA_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Weight precision for every ensemble (default: each ensemble's `dtype` in models.toml).
+    #[arg(long, env = "AFA_DTYPE", value_enum)]
+    pub dtype: Option<DtypeArg>,
+}
+
+/// Turns flags into settings (checks ranges; does not touch the network or models).
+pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    if args.queue_capacity == 0 {
+        bail!("--queue-capacity must be at least 1");
+    }
+    if args.request_timeout_s == 0 {
+        bail!("--request-timeout-s must be at least 1");
+    }
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => {
+            Device::new_cuda(0).context("--device cuda (was afa built with --features cuda?)")?
+        }
+        DeviceArg::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
+    };
+    let dtype = args.dtype.map(|d| match d {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+    });
+    if dtype == Some(DType::BF16) && device.is_cpu() {
+        bail!(
+            "--dtype bf16 needs a GPU: candle has no bf16 matrix multiply on CPU (use f32 or f16)"
+        );
+    }
+    Ok(ServeSettings {
+        config: args.config.clone(),
+        bind: args.bind.clone(),
+        worker: WorkerConfig {
+            max_batch: args.max_batch,
+            batch_wait: Duration::from_millis(args.batch_wait_ms),
+            queue_capacity: args.queue_capacity,
+            request_timeout: Duration::from_secs(args.request_timeout_s),
+        },
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        api_keys: ApiKeys::new(args.api_keys.iter().map(|k| k.0.clone()).collect()),
+        device,
+        dtype,
+    })
+}
+
+/// Runs `afa serve`.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    crate::telemetry::init_tracing(false);
+    serve(settings(args)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn defaults_and_redaction() {
+        let t = T::try_parse_from([
+            "t",
+            "--api-key",
+            "k1",
+            "--api-key",
+            "k2",
+            "--max-batch",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(t.serve.bind, "0.0.0.0:8080");
+        assert_eq!(t.serve.config, PathBuf::from("./models.toml"));
+        assert_eq!(t.serve.api_keys.len(), 2);
+        assert!(!format!("{t:?}").contains("k1"));
+        let s = settings(&t.serve).unwrap();
+        assert_eq!(s.worker.max_batch, 1);
+        assert!(!format!("{s:?}").contains("k2"));
+    }
+}

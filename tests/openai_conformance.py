@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Drives a running `afa serve` with the official `openai` Python client, unchanged.
+
+Usage: python tests/openai_conformance.py http://127.0.0.1:PORT
+Checks: images.generate with b64_json and our extensions via extra_body (a valid PNG with the
+A1111 `parameters` chunk, reproducible by seed), models.list/retrieve, error mapping
+(BadRequestError for bad input, NotFoundError for an unknown model), and x-request-id.
+Exits non-zero on the first failure.
+"""
+import base64
+import struct
+import sys
+import zlib
+
+import openai
+from openai import OpenAI
+
+
+def png_text_chunks(data: bytes) -> dict:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
+        if kind == b"IHDR":
+            chunks["size"] = struct.unpack(">II", body[:8])
+        elif kind == b"tEXt":
+            key, _, text = body.partition(b"\0")
+            chunks[key.decode("latin-1")] = text.decode("latin-1")
+        elif kind == b"iTXt":
+            key, _, rest = body.partition(b"\0")
+            flag, _method = rest[0], rest[1]
+            _lang, _, rest = rest[2:].partition(b"\0")
+            _tkey, _, text = rest.partition(b"\0")
+            chunks[key.decode("latin-1")] = (zlib.decompress(text) if flag else text).decode("utf-8")
+        pos += 12 + length
+    return chunks
+
+
+def main() -> None:
+    base = sys.argv[1].rstrip("/")
+    client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    extra = {"seed": 1, "steps": 2, "guidance_scale": 5.0, "negative_prompt": "blurry",
+             "scheduler": "ddim", "ensemble_mode": "afa"}
+
+    raw = client.images.with_raw_response.generate(
+        model="tiny-afa", prompt="a lighthouse", response_format="b64_json", size="128x128",
+        extra_body=extra, extra_headers={"x-request-id": "conformance-1"})
+    assert raw.headers.get("x-request-id") == "conformance-1", raw.headers
+    result = raw.parse()
+    assert result.created > 0 and len(result.data) == 1
+    png = base64.b64decode(result.data[0].b64_json)
+    info = png_text_chunks(png)
+    assert info["size"] == (128, 128), info["size"]
+    params = info.get("parameters", "")
+    assert params.startswith("a lighthouse"), params
+    for needle in ("Negative prompt: blurry", "Steps: 2", "Seed: 1", "CFG scale: 5"):
+        assert needle in params, (needle, params)
+
+    again = client.images.generate(model="tiny-afa", prompt="a lighthouse",
+                                   response_format="b64_json", size="128x128", extra_body=extra)
+    assert base64.b64decode(again.data[0].b64_json) == png, "same seed, different image"
+
+    two = client.images.generate(model="tiny-afa", prompt="a lighthouse", n=2,
+                                 extra_body={"seed": 10, "steps": 1})
+    assert len(two.data) == 2
+
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert "tiny-afa" in ids, ids
+    assert client.models.retrieve("tiny-afa").id == "tiny-afa"
+
+    bad_cases = [
+        dict(prompt="", model="tiny-afa"),
+        dict(prompt="a", model="tiny-afa", size="13x13"),
+        dict(prompt="a", model="tiny-afa", response_format="url"),
+        dict(prompt="a", model="tiny-afa", extra_body={"steps": 0}),
+        dict(prompt="a", model="tiny-afa", extra_body={"guidance_scale": -1}),
+        dict(prompt="a", model="tiny-afa", extra_body={"scheduler": "plms"}),
+        dict(prompt="a", model="tiny-afa", extra_body={"colour": "red"}),
+    ]
+    for kwargs in bad_cases:
+        try:
+            client.images.generate(**kwargs)
+        except openai.BadRequestError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            err = body.get("error", body)
+            assert err.get("param") or err.get("message"), e.body
+            assert e.response.headers.get("x-request-id"), "no x-request-id on an error"
+        else:
+            raise AssertionError(f"no BadRequestError for {kwargs}")
+
+    for call in (lambda: client.images.generate(model="dall-e-3", prompt="a"),
+                 lambda: client.models.retrieve("dall-e-3")):
+        try:
+            call()
+        except openai.NotFoundError as e:
+            assert e.response.headers.get("x-request-id")
+        else:
+            raise AssertionError("no NotFoundError for an unknown model")
+
+    print("openai conformance: ok (openai", openai.__version__ + ")")
+
+
+if __name__ == "__main__":
+    main()
