@@ -19,6 +19,8 @@ pub enum Command {
     /// Generate images from a prompt with one model (the embedded tiny model by default) or an
     /// ensemble (an official AFA folder as --model, or --config models.toml --ensemble NAME).
     Generate(Box<GenerateArgs>),
+    /// Measure speed and memory of the full-size components and of AFA steps (random weights).
+    Bench(commands::bench::BenchArgs),
     /// Convert aggregator checkpoints between the official folder layout and our single file.
     Convert(commands::convert::ConvertArgs),
     /// Serve the ensembles of models.toml over HTTP (native and OpenAI-compatible APIs).
@@ -130,6 +132,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
         Command::Convert(args) => commands::convert::run(&args),
+        Command::Bench(args) => commands::bench::run_bench(&args),
         Command::Serve(args) => commands::serve::run(&args),
         Command::CheckModels(args) => commands::check_models::run(&args),
     };

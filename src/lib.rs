@@ -5,6 +5,7 @@
 //! text -> image for one batch, `cli` parses the command line.
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;

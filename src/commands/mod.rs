@@ -1,4 +1,5 @@
 //! What each subcommand does, between the parsed command line (`cli`) and the library layers.
+pub mod bench;
 pub mod check_models;
 pub mod convert;
 pub mod generate;

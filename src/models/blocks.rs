@@ -61,7 +61,7 @@ impl ResnetBlock2D {
 
     /// `x`: `[B, Cin, H, W]`, `temb`: `[B, T]` -> `[B, Cout, H, W]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -69,7 +69,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -101,11 +101,8 @@ impl FeedForward {
 
     /// `x`: `[B, T, dim]` -> `[B, T, dim]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
-        let inner = h.dim(candle_core::D::Minus1)? / 2;
-        let value = h.narrow(candle_core::D::Minus1, 0, inner)?;
-        let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
-        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+        self.proj_out
+            .forward(&nn::geglu(&self.proj_in.forward(x)?)?)
     }
 }
 

@@ -3,11 +3,14 @@
 //!
 //! Everything here is built from candle operations whose backward pass is correct, choosing the
 //! fused (faster, no-gradient) kernels only when the input does not track gradients, so the same
-//! modules serve inference and training.
+//! modules serve inference and training. The fused CPU kernels (im2col convolution, group norm
+//! with SiLU, GEGLU) live in `fast`; they run only for f32 CPU tensors that track no gradient.
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-pub use candle_nn::{Conv2d, Linear};
+mod fast;
+
+pub use candle_nn::Linear;
 
 /// A `k x k` convolution with `padding` and `stride` (diffusers names `weight`, `bias`).
 pub fn conv2d(
@@ -22,10 +25,53 @@ pub fn conv2d(
         stride: spec.stride,
         ..Default::default()
     };
-    if spec.bias {
-        candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    let inner = if spec.bias {
+        candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?
     } else {
-        candle_nn::conv2d_no_bias(in_channels, out_channels, kernel, cfg, vb)
+        candle_nn::conv2d_no_bias(in_channels, out_channels, kernel, cfg, vb)?
+    };
+    Ok(Conv2d {
+        inner,
+        spec,
+        kernel,
+    })
+}
+
+/// A 2-D convolution (`weight` `[O, I, k, k]`, optional `bias` `[O]`). On the CPU in f32
+/// without gradients it runs as im2col + one matmul per image (see `fast`); otherwise it is
+/// candle's differentiable `conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    spec: ConvSpec,
+    kernel: usize,
+}
+
+impl Conv2d {
+    /// The weight `[O, I, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[O]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Conv2d {
+    /// `x`: `[B, I, H, W]` -> `[B, O, H', W']`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        if !fast::applies(x) || w.track_op() || w.dtype() != DType::F32 {
+            return self.inner.forward(x);
+        }
+        let geometry = fast::ConvGeometry {
+            kernel: self.kernel,
+            stride: self.spec.stride,
+            padding: self.spec.padding,
+        };
+        fast::conv2d(x, w, self.inner.bias(), geometry)
     }
 }
 
@@ -65,18 +111,42 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
 impl GroupNorm {
     pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
         Ok(Self {
-            inner: candle_nn::group_norm(groups, channels, eps, vb)?,
+            inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+            weight,
+            bias,
+            groups,
+            eps,
         })
     }
 
     /// `x`: `[B, C, *]` -> same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        self.forward_act(x, false)
+    }
+
+    /// `silu(group_norm(x))`, fused on the CPU. `x`: `[B, C, *]` -> same shape.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        if fast::applies(x) && !w.track_op() && !b.track_op() && w.dtype() == DType::F32 {
+            return fast::group_norm(x, w, b, self.groups, self.eps, silu);
+        }
+        let y = self.inner.forward(x)?;
+        if silu { y.silu() } else { Ok(y) }
     }
 }
 
@@ -110,11 +180,30 @@ impl LayerNorm {
 
 /// Softmax over the last dimension: fused kernel for inference, differentiable ops otherwise.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
+    scaled_softmax_last_dim(x, 1.0)
+}
+
+/// `softmax(scale * x)` over the last dimension (`scale > 0`), fused on the CPU.
+fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if fast::applies(x) {
+        fast::softmax(x, scale as f32)
+    } else if x.track_op() {
+        candle_nn::ops::softmax(&(x * scale)?, D::Minus1)
     } else {
-        candle_nn::ops::softmax_last_dim(x)
+        candle_nn::ops::softmax_last_dim(&(x * scale)?)
     }
+}
+
+/// GEGLU with exact erf GELU (diffusers `GEGLU`): `h` `[..., 2n]` -> `h[..., :n] *
+/// gelu(h[..., n:])` `[..., n]`; one fused pass on the CPU when no gradient is tracked.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if fast::applies(h) {
+        return fast::geglu(h);
+    }
+    let n = h.dim(D::Minus1)? / 2;
+    let value = h.narrow(D::Minus1, 0, n)?;
+    let gate = h.narrow(D::Minus1, n, n)?;
+    value * gate.gelu_erf()?
 }
 
 /// Upper bound on the number of attention scores materialised at once (per slice of queries).
@@ -136,13 +225,13 @@ pub fn scaled_dot_product_attention(
     let v = v.contiguous()?;
     let rows_per_slice = (ATTENTION_SCORE_BUDGET / (b * h * tk).max(1)).clamp(1, tq);
     let attend = |q: &Tensor| -> Result<Tensor> {
-        let q = (q * scale)?;
         let scores = q.matmul(&kt)?;
         let scores = if scores.dtype() == DType::F32 || scores.dtype() == DType::F64 {
-            softmax_last_dim(&scores)?
+            scaled_softmax_last_dim(&scores, scale)?
         } else {
             // Half precision: softmax in f32 as PyTorch's SDPA does.
-            softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+            scaled_softmax_last_dim(&scores.to_dtype(DType::F32)?, scale)?
+                .to_dtype(scores.dtype())?
         };
         scores.matmul(&v)
     };
