@@ -1,17 +1,21 @@
 //! Wiring for `afa serve`: registry -> worker (the executor thread loads the models) -> HTTP
 //! router -> listener, and the shutdown sequence: on SIGTERM/SIGINT `/ready` turns 503 and new
 //! work is refused (503 + Retry-After) while queued and running work finishes within the
-//! grace period; then the listener closes and the process exits 0.
+//! grace period; then the listener closes and the process exits 0. The job store is opened and
+//! recovered before the listener starts: interrupted jobs go back to the queue, and the
+//! dispatcher feeds them to the worker once the models are loaded.
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiConfig, ApiKeys, ApiState};
+use crate::api::{self, ApiConfig, ApiKeys, ApiState, JobService, JobsConfig};
 use crate::config::ModelRegistry;
+use crate::store::{Artifacts, JobStore};
 use crate::worker::{
     Engine, EngineLoader, RegistryEngine, WorkerConfig, WorkerHandle, start_worker,
 };
@@ -27,6 +31,11 @@ pub struct ServeSettings {
     pub device: Device,
     /// Overrides every ensemble's dtype when set.
     pub dtype: Option<DType>,
+    /// The job database (`sqlite://path`).
+    pub database_url: String,
+    /// Where job artifacts are written.
+    pub data_dir: PathBuf,
+    pub jobs: JobsConfig,
 }
 
 /// Runs the server until a shutdown signal (or a failed model load, which is an error).
@@ -49,10 +58,33 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
         "request_timeout_s": s.worker.request_timeout.as_secs(),
         "shutdown_grace_s": s.shutdown_grace.as_secs(),
         "auth": !s.api_keys.is_empty(),
+        "result_ttl_s": s.jobs.result_ttl.as_secs(),
+        "job_max_attempts": s.jobs.max_attempts,
     })
 }
 
+/// Opens, migrates and recovers the job store.
+async fn open_jobs(settings: &ServeSettings) -> anyhow::Result<Arc<JobService>> {
+    let store = JobStore::open(&settings.database_url)
+        .await
+        .with_context(|| format!("opening the job database {}", settings.database_url))?;
+    let artifacts = Artifacts::open(&settings.data_dir)
+        .with_context(|| format!("opening the data dir {}", settings.data_dir.display()))?;
+    let r = store
+        .recover(settings.jobs.max_attempts)
+        .await
+        .context("recovering interrupted jobs")?;
+    eprintln!(
+        "afa serve: job store ready ({} queued, of which {} interrupted and re-queued; {} failed after too many attempts)",
+        r.queued,
+        r.requeued.len(),
+        r.failed.len()
+    );
+    Ok(Arc::new(JobService::new(store, artifacts, settings.jobs)))
+}
+
 async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> anyhow::Result<()> {
+    let jobs = open_jobs(&settings).await?;
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<String>();
     let (device, dtype) = (settings.device.clone(), settings.dtype);
     let loader: EngineLoader =
@@ -71,7 +103,15 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
         settings: settings_json(&settings),
         ..ApiConfig::default()
     };
-    let router = api::router(ApiState::new(worker.clone(), config));
+    let state = ApiState::new(worker.clone(), config).with_jobs(jobs.clone());
+    let router = api::router(state.clone());
+    let (jobs_stop, jobs_stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(api::run_dispatcher(
+        state,
+        jobs.clone(),
+        jobs_stop_rx.clone(),
+    ));
+    tokio::spawn(api::run_sweeper(jobs.clone(), jobs_stop_rx));
     let listener = TcpListener::bind(&settings.bind)
         .await
         .with_context(|| format!("binding {}", settings.bind))?;
@@ -94,6 +134,12 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
         }
     }
     drain(&worker, settings.shutdown_grace).await;
+    let _ = jobs_stop.send(true);
+    // Let followers record the results of finished jobs (unfinished ones are recovered later).
+    let t = std::time::Instant::now();
+    while jobs.in_flight() > 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = stop_tx.send(());
     // Responses of finished work are being written; give them a moment, not forever.
     if tokio::time::timeout(Duration::from_secs(5), &mut server)
@@ -103,6 +149,7 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
         tracing::warn!("closing connections that were still open");
     }
     worker.shutdown();
+    jobs.store.close().await;
     eprintln!("afa serve: stopped");
     Ok(())
 }

@@ -15,5 +15,6 @@ pub mod models;
 pub mod npy;
 pub mod pipeline;
 pub mod schedulers;
+pub mod store;
 pub mod telemetry;
 pub mod worker;

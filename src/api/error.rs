@@ -24,6 +24,15 @@ pub enum ApiError {
     /// 404: an unknown model (ensemble).
     #[error("{message}")]
     ModelNotFound { message: String, param: String },
+    /// 404: no such job (another key's job answers the same).
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: an `Idempotency-Key` reused with another request, or cancelling a finished job.
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        param: Option<String>,
+    },
     /// 404: no such route.
     #[error("no route for {0}")]
     RouteNotFound(String),
@@ -73,7 +82,10 @@ impl ApiError {
         match self {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound { .. } | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound { .. } | ApiError::RouteNotFound(_) | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -92,6 +104,8 @@ impl ApiError {
             ApiError::Unauthorized => "invalid_api_key",
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::RouteNotFound(_) => "not_found",
+            ApiError::NotFound(_) => "job_not_found",
+            ApiError::Conflict { .. } => "conflict",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge { .. } => "payload_too_large",
             ApiError::QueueFull { .. } => "queue_full",
@@ -118,7 +132,9 @@ impl ApiError {
 
     fn param(&self) -> Option<&str> {
         match self {
-            ApiError::Invalid { param, .. } | ApiError::TooLarge { param, .. } => param.as_deref(),
+            ApiError::Invalid { param, .. }
+            | ApiError::TooLarge { param, .. }
+            | ApiError::Conflict { param, .. } => param.as_deref(),
             ApiError::ModelNotFound { param, .. } => Some(param),
             _ => None,
         }

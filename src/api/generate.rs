@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use super::ApiState;
 use super::body::{bytes_or_error, parse_json, query_to_json};
 use super::error::ApiError;
-use super::middleware::RequestId;
+use super::middleware::{Caller, RequestId};
 use super::openai::{OpenAiImageRequest, to_native};
 use super::output::{native_json, openai_json, server_timing};
 use super::request::{NativeRequest, Validated, validate};
@@ -39,7 +39,7 @@ pub fn random_u64() -> u64 {
 }
 
 /// A seed for a request without one: 32 bits, so every client (and A1111) can hold it.
-fn draw_seed() -> u64 {
+pub(super) fn draw_seed() -> u64 {
     random_u64() & 0xffff_ffff
 }
 
@@ -206,6 +206,8 @@ fn png_response(output: &JobOutput) -> Response {
 /// `POST /v1/images/generations`.
 pub async fn openai(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -213,6 +215,9 @@ pub async fn openai(
     let (native, options) = to_native(req)?;
     if let Some(user) = &options.user {
         tracing::info!(user = %user, "openai request");
+    }
+    if options.url {
+        return openai_url(&state, &caller, &headers, &native, &options.warnings).await;
     }
     let (validated, mut ticket) = submit(&state, &native)?;
     if options.stream {
@@ -231,4 +236,81 @@ pub async fn openai(
     let warnings = options.warnings;
     let body = render_blocking(move || Ok(openai_json(&output, &validated, &warnings))).await?;
     Ok(axum::Json(body).into_response())
+}
+
+/// `http(s)://host` of this request (from `Host` and `X-Forwarded-Proto`), when it is sane.
+fn base_url(headers: &HeaderMap) -> String {
+    let sane = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|s| !s.contains('/') && !s.contains('@'))
+            .map(str::to_string)
+    };
+    let Some(host) = headers.get(header::HOST).and_then(sane) else {
+        return String::new();
+    };
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}")
+}
+
+/// `response_format: "url"`: runs the request as a stored job, waits for it, and answers with
+/// links to its image files (which need the same bearer key).
+async fn openai_url(
+    state: &ApiState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    native: &NativeRequest,
+    warnings: &[String],
+) -> Result<Response, ApiError> {
+    let Some(jobs) = state.jobs.as_ref() else {
+        return Err(ApiError::invalid(
+            "response_format",
+            "response_format 'url' needs the job store, which this server does not run; use 'b64_json'",
+        ));
+    };
+    let submitted = super::jobs::submit_job(state, caller, native, None).await?;
+    let limit = jobs.config.url_wait;
+    let row = super::jobs::await_job(jobs, &submitted.row.id, limit).await?;
+    match row.status {
+        crate::store::JobStatus::Succeeded => {}
+        crate::store::JobStatus::Cancelled => return Err(ApiError::Cancelled),
+        _ => {
+            return Err(ApiError::Internal(format!(
+                "job {} failed: {}",
+                row.id,
+                row.error.unwrap_or_default()
+            )));
+        }
+    }
+    let base = base_url(headers);
+    let data: Vec<serde_json::Value> = row
+        .seeds
+        .iter()
+        .enumerate()
+        .map(|(k, seed)| {
+            serde_json::json!({
+                "url": format!("{base}/v1/jobs/{}/images/{k}", row.id),
+                "seed": seed,
+            })
+        })
+        .collect();
+    let p = &row.params;
+    Ok(axum::Json(serde_json::json!({
+        "created": super::output::unix_now(),
+        "data": data,
+        "job_id": row.id,
+        "model": row.ensemble,
+        "output_format": "png",
+        "size": format!("{}x{}", p["width"], p["height"]),
+        "timings": row.timings,
+        "warnings": warnings,
+    }))
+    .into_response())
 }

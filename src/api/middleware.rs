@@ -1,5 +1,5 @@
 //! Middleware shared by every route: `x-request-id` (echoed or generated, on every response),
-//! bearer-key auth, and response/rejection counting.
+//! bearer-key auth (`--api-key` values and the store's keys), and response/rejection counting.
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
@@ -74,28 +74,80 @@ pub async fn count(State(state): State<ApiState>, req: Request, next: Next) -> R
     response
 }
 
-/// Requires `Authorization: Bearer <key>` when keys are configured.
-pub async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let keys = &state.config.api_keys;
-    if keys.is_empty() || OPEN_ROUTES.contains(&req.uri().path()) {
-        return next.run(req).await;
-    }
-    let presented = req
-        .headers()
+/// Who is calling: the store key that authenticated the request (its jobs are its own), or
+/// `None` for an operator key (`--api-key`) or an open server. A request extension.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub key_id: Option<String>,
+    /// The key's limit on queued and running images.
+    pub max_queued_images: Option<u64>,
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
-    match presented {
-        Some(key) if keys.accepts(key) => next.run(req).await,
-        _ => {
-            let mut r = ApiError::Unauthorized.into_response();
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            r
+        .map(str::trim)
+}
+
+fn unauthorized() -> Response {
+    let mut r = ApiError::Unauthorized.into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// Requires `Authorization: Bearer <key>` when keys are configured (`--api-key`) or exist in
+/// the job store; records the [`Caller`].
+pub async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+    if OPEN_ROUTES.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let keys = &state.config.api_keys;
+    let presented = bearer(&req).map(str::to_string);
+    let mut caller = presented
+        .as_deref()
+        .filter(|k| keys.accepts(k))
+        .map(|_| Caller::default());
+    let mut required = !keys.is_empty();
+    if let (None, Some(jobs)) = (&caller, &state.jobs) {
+        let store = &jobs.store;
+        if let Some(token) = presented.as_deref() {
+            match store.key_for_token(token).await {
+                Ok(Some(row)) => {
+                    caller = Some(Caller {
+                        key_id: Some(row.id),
+                        max_queued_images: row.max_queued_images,
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return ApiError::Internal(format!("reading API keys: {e}")).into_response();
+                }
+            }
+        }
+        if caller.is_none() {
+            match store.has_keys().await {
+                Ok(has) => required |= has,
+                Err(e) => {
+                    return ApiError::Internal(format!("reading API keys: {e}")).into_response();
+                }
+            }
+        }
+    }
+    match caller {
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None if required => unauthorized(),
+        None => {
+            req.extensions_mut().insert(Caller::default());
+            next.run(req).await
         }
     }
 }

@@ -1,11 +1,15 @@
 //! The HTTP layer (the only module that uses axum): the native routes (`/generate`,
 //! `/generate/stream`), the OpenAI-compatible routes (`/v1/images/generations`, `/v1/models`),
-//! operations (`/health`, `/ready`, `/info`, `/metrics`), and the middleware every route
-//! shares: `x-request-id`, bearer auth, body limit, metrics. Every failure is an [`ApiError`].
+//! operations (`/health`, `/ready`, `/info`, `/metrics`), the store-backed async jobs
+//! (`/v1/jobs`, with the dispatcher that feeds them to the worker), and the middleware every
+//! route shares: `x-request-id`, bearer auth, body limit, metrics. Every failure is an
+//! [`ApiError`].
 pub mod body;
+pub mod dispatch;
 pub mod error;
 mod generate;
-mod middleware;
+mod jobs;
+pub mod middleware;
 pub mod openai;
 mod ops;
 pub mod output;
@@ -20,6 +24,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
+pub use dispatch::{JobService, JobsConfig, run_dispatcher, run_sweeper};
 pub use error::ApiError;
 
 use crate::telemetry::Metrics;
@@ -89,6 +94,8 @@ pub struct ApiState {
     pub worker: WorkerHandle,
     pub metrics: Arc<Metrics>,
     pub config: Arc<ApiConfig>,
+    /// The job store behind `/v1/jobs` and `response_format: "url"` (absent: those answer 404).
+    pub jobs: Option<Arc<JobService>>,
 }
 
 impl ApiState {
@@ -97,7 +104,14 @@ impl ApiState {
             worker,
             metrics: Arc::new(Metrics::default()),
             config: Arc::new(config),
+            jobs: None,
         }
+    }
+
+    /// Serves async jobs from `jobs`.
+    pub fn with_jobs(mut self, jobs: Arc<JobService>) -> Self {
+        self.jobs = Some(jobs);
+        self
     }
 
     /// The catalog, or 503 while loading / draining.
@@ -117,7 +131,12 @@ impl ApiState {
 }
 
 /// Routes that generate images (their refusals are counted as rejections).
-const GENERATION_ROUTES: [&str; 3] = ["/generate", "/generate/stream", "/v1/images/generations"];
+const GENERATION_ROUTES: [&str; 4] = [
+    "/generate",
+    "/generate/stream",
+    "/v1/images/generations",
+    "/v1/jobs",
+];
 
 /// The whole HTTP API.
 pub fn router(state: ApiState) -> Router {
@@ -129,6 +148,11 @@ pub fn router(state: ApiState) -> Router {
             get(generate::native_stream_get).post(generate::native_stream_post),
         )
         .route("/v1/images/generations", post(generate::openai))
+        .route("/v1/jobs", post(jobs::create))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/images/{k}", get(jobs::image))
+        .route("/v1/jobs/{id}/images/{k}/maps", get(jobs::maps))
         .route("/v1/models", get(ops::models))
         .route("/v1/models/{id}", get(ops::model))
         .route("/health", get(ops::health))

@@ -18,7 +18,7 @@ pub struct OpenAiImageRequest {
     pub n: Option<u64>,
     /// "WxH" or "auto".
     pub size: Option<String>,
-    /// "b64_json" (default); "url" needs the job store, which this server does not run yet.
+    /// "b64_json" (default) or "url" (the images are stored as a job; the answer links them).
     pub response_format: Option<String>,
     pub quality: Option<String>,
     pub style: Option<String>,
@@ -42,6 +42,8 @@ pub struct OpenAiOptions {
     /// Notes for the response (`quality`/`style` have no effect on this model family).
     pub warnings: Vec<String>,
     pub user: Option<String>,
+    /// `response_format: "url"`: run as a stored job and answer with links to its images.
+    pub url: bool,
 }
 
 const QUALITIES: [&str; 6] = ["auto", "standard", "hd", "low", "medium", "high"];
@@ -50,20 +52,21 @@ const STYLES: [&str; 2] = ["vivid", "natural"];
 /// Converts an OpenAI request into the native one. Validation of shared fields happens later,
 /// on the native request; here only the OpenAI-only fields are checked.
 pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOptions), ApiError> {
-    match req.response_format.as_deref() {
-        None | Some("b64_json") => {}
-        Some("url") => {
-            return Err(ApiError::invalid(
-                "response_format",
-                "response_format 'url' needs the job store that serves image files, which this server does not run yet; use 'b64_json'",
-            ));
-        }
+    let url = match req.response_format.as_deref() {
+        None | Some("b64_json") => false,
+        Some("url") => true,
         Some(other) => {
             return Err(ApiError::invalid(
                 "response_format",
-                format!("unknown response_format '{other}' (b64_json)"),
+                format!("unknown response_format '{other}' (b64_json or url)"),
             ));
         }
+    };
+    if url && req.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "response_format",
+            "response_format 'url' does not stream; use b64_json with stream, or url without",
+        ));
     }
     let mut warnings = Vec::new();
     if let Some(q) = req.quality.as_deref() {
@@ -111,6 +114,7 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         stream: req.stream.unwrap_or(false),
         warnings,
         user: req.user,
+        url,
     };
     Ok((native, options))
 }
@@ -174,9 +178,11 @@ mod tests {
     fn openai_only_fields_are_checked() {
         let err = |v: Value| to_native(parse(v)).unwrap_err().body()["error"]["param"].clone();
         assert_eq!(
-            err(json!({"prompt": "a", "response_format": "url"})),
+            err(json!({"prompt": "a", "response_format": "url", "stream": true})),
             "response_format"
         );
+        let (_, o) = to_native(parse(json!({"prompt": "a", "response_format": "url"}))).unwrap();
+        assert!(o.url && !o.stream);
         assert_eq!(
             err(json!({"prompt": "a", "response_format": "gif"})),
             "response_format"

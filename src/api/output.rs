@@ -128,7 +128,7 @@ pub fn openai_json(output: &JobOutput, v: &Validated, extra_warnings: &[String])
 }
 
 /// The maps of one image as JSON: point, step, shape, and the asked-for encodings.
-fn render_maps(
+pub(super) fn render_maps(
     maps: &[ImageMap],
     opts: &MapsOutput,
     width: usize,

@@ -4,4 +4,6 @@ pub mod check_models;
 pub mod convert;
 pub mod generate;
 mod generate_ensemble;
+pub mod keys;
+pub mod migrate;
 pub mod serve;

@@ -1,4 +1,5 @@
-//! `afa serve`: flags (each with an `AFA_*` environment equivalent) -> `app::serve`.
+//! `afa serve`: flags (each with an `AFA_*` environment equivalent) -> `app::serve`, including
+//! the job store (`--database-url`, `--data-dir`, `--result-ttl-s`, `--job-max-attempts`).
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -8,7 +9,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 
-use crate::api::ApiKeys;
+use crate::api::{ApiKeys, JobsConfig};
 use crate::app::{ServeSettings, serve};
 use crate::cli::{DeviceArg, DtypeArg};
 use crate::worker::WorkerConfig;
@@ -70,6 +71,18 @@ pub struct ServeArgs {
     /// Weight precision for every ensemble (default: each ensemble's `dtype` in models.toml).
     #[arg(long, env = "AFA_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// The job database (`sqlite://path`; created and migrated at start-up).
+    #[arg(long, env = "AFA_DATABASE_URL", default_value = "sqlite://afa.db")]
+    pub database_url: String,
+    /// Where job artifacts (images, attention-map bundles) are written.
+    #[arg(long, env = "AFA_DATA_DIR", default_value = "./afa-data")]
+    pub data_dir: PathBuf,
+    /// Finished jobs and their files are removed this many seconds after they finished.
+    #[arg(long, env = "AFA_RESULT_TTL_S", default_value_t = 86400)]
+    pub result_ttl_s: u64,
+    /// A job interrupted or failing this many times ends `failed`.
+    #[arg(long, env = "AFA_JOB_MAX_ATTEMPTS", default_value_t = 3)]
+    pub job_max_attempts: u32,
 }
 
 /// Turns flags into settings (checks ranges; does not touch the network or models).
@@ -82,6 +95,9 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
     }
     if args.request_timeout_s == 0 {
         bail!("--request-timeout-s must be at least 1");
+    }
+    if args.result_ttl_s == 0 || args.job_max_attempts == 0 {
+        bail!("--result-ttl-s and --job-max-attempts must be at least 1");
     }
     let device = match args.device {
         DeviceArg::Cpu => Device::Cpu,
@@ -113,6 +129,13 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         api_keys: ApiKeys::new(args.api_keys.iter().map(|k| k.0.clone()).collect()),
         device,
         dtype,
+        database_url: args.database_url.clone(),
+        data_dir: args.data_dir.clone(),
+        jobs: JobsConfig {
+            max_attempts: args.job_max_attempts,
+            result_ttl: Duration::from_secs(args.result_ttl_s),
+            url_wait: Duration::from_secs(args.request_timeout_s),
+        },
     })
 }
 
@@ -152,5 +175,7 @@ mod tests {
         let s = settings(&t.serve).unwrap();
         assert_eq!(s.worker.max_batch, 1);
         assert!(!format!("{s:?}").contains("k2"));
+        assert_eq!(s.database_url, "sqlite://afa.db");
+        assert_eq!(s.jobs.max_attempts, 3);
     }
 }

@@ -1,0 +1,468 @@
+//! The async job routes (`/v1/jobs`): submit (202 + `Location`, `Idempotency-Key`), status
+//! with queue position, progress and image links, the image files and attention-map bundles,
+//! cancel, and progress as Server-Sent Events. Jobs belong to the API key that submitted them;
+//! another key's job id answers 404 as if it did not exist.
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use serde_json::{Value, json};
+
+use super::ApiState;
+use super::body::{bytes_or_error, parse_json};
+use super::dispatch::{JobService, resolved_params};
+use super::error::ApiError;
+use super::middleware::Caller;
+use super::request::{NativeRequest, validate};
+use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+fn store_error(e: StoreError) -> ApiError {
+    ApiError::Internal(format!("job store: {e}"))
+}
+
+fn service(state: &ApiState) -> Result<&Arc<JobService>, ApiError> {
+    state
+        .jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::RouteNotFound("/v1/jobs (this server runs no job store)".into()))
+}
+
+fn unknown_job(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no job '{id}'"))
+}
+
+/// The `Idempotency-Key` header, checked.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::invalid(
+            "Idempotency-Key",
+            format!("Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// A job row plus whether it was created by this request.
+pub(super) struct Submitted {
+    pub row: JobRow,
+    pub created: bool,
+}
+
+/// Validates `req`, applies the caller's limit, and stores a queued job (or finds the one an
+/// idempotency key names). `request_hash` identifies the request for the idempotency check.
+pub(super) async fn submit_job(
+    state: &ApiState,
+    caller: &Caller,
+    req: &NativeRequest,
+    idempotency: Option<(String, String)>,
+) -> Result<Submitted, ApiError> {
+    let jobs = service(state)?;
+    let catalog = state.ready_catalog()?;
+    let capacity = state.worker.stats().queue_capacity;
+    let validated = validate(req, &catalog, capacity, super::generate::draw_seed())?;
+    let n = validated.job.images.len();
+    let owner = caller.key_id.clone();
+    if let Some(limit) = caller.max_queued_images {
+        let active = jobs
+            .store
+            .active_images(owner.as_deref())
+            .await
+            .map_err(store_error)?;
+        if (active + n) as u64 > limit {
+            return Err(ApiError::QueueFull {
+                retry_after: Duration::from_secs(10),
+            });
+        }
+    }
+    let new = NewJob {
+        ensemble: validated.job.ensemble.clone(),
+        params: resolved_params(&validated, req),
+        seeds: validated.job.images.iter().map(|i| i.seed).collect(),
+        owner,
+        idempotency,
+    };
+    match jobs.store.insert_job(&new).await.map_err(store_error)? {
+        Insert::Created(row) => {
+            jobs.wake();
+            tracing::info!(job = %row.id, images = n, "job queued");
+            Ok(Submitted { row, created: true })
+        }
+        Insert::Existing(row) => Ok(Submitted {
+            row,
+            created: false,
+        }),
+        Insert::Conflict(row) => Err(ApiError::Conflict {
+            message: format!(
+                "this Idempotency-Key was used for another request (job {}); use a new key",
+                row.id
+            ),
+            param: Some("Idempotency-Key".into()),
+        }),
+    }
+}
+
+/// `POST /v1/jobs`: 202 `{id, status, ...}` + `Location`.
+pub async fn create(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = bytes_or_error(body)?;
+    let req: NativeRequest = parse_json(&bytes)?;
+    if req.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "stream",
+            "jobs do not stream their answer; follow GET /v1/jobs/{id}/events instead",
+        ));
+    }
+    let idempotency = match idempotency_key(&headers)? {
+        // serde_json maps are sorted: the same fields in any order hash the same.
+        Some(key) => {
+            let canonical: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+            Some((key, sha256_hex(canonical.to_string().as_bytes())))
+        }
+        None => None,
+    };
+    let submitted = submit_job(&state, &caller, &req, idempotency).await?;
+    let jobs = service(&state)?;
+    let view = job_view(&state, jobs, &submitted.row).await?;
+    let mut r = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
+    let location = format!("/v1/jobs/{}", submitted.row.id);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    if !submitted.created {
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(r)
+}
+
+async fn owned_job(state: &ApiState, caller: &Caller, id: &str) -> Result<JobRow, ApiError> {
+    let jobs = service(state)?;
+    jobs.store
+        .job_for(id, caller.key_id.as_deref())
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| unknown_job(id))
+}
+
+/// The JSON view of a job.
+pub(super) async fn job_view(
+    state: &ApiState,
+    jobs: &JobService,
+    row: &JobRow,
+) -> Result<Value, ApiError> {
+    let mut position = None;
+    let mut progress = Value::Null;
+    match row.status {
+        JobStatus::Queued => {
+            let before = jobs
+                .store
+                .queued_images_before(row.queue_order)
+                .await
+                .map_err(store_error)?;
+            let s = state.worker.stats();
+            position = Some(before + s.queued_images + s.running_images);
+        }
+        JobStatus::Running => {
+            let live = jobs.live(&row.id).unwrap_or_default();
+            position = live.position;
+            progress = json!({"step": live.step, "total": live.total});
+        }
+        _ => {}
+    }
+    let mut images = Vec::new();
+    if row.status == JobStatus::Succeeded {
+        let artifacts = jobs.store.artifacts(&row.id).await.map_err(store_error)?;
+        for a in artifacts.iter().filter(|a| a.kind == "png") {
+            let mut o = json!({
+                "index": a.index,
+                "seed": row.seeds.get(a.index),
+                "url": format!("/v1/jobs/{}/images/{}", row.id, a.index),
+                "sha256": a.sha256,
+                "bytes": a.bytes,
+            });
+            if artifacts
+                .iter()
+                .any(|m| m.kind == "maps" && m.index == a.index)
+            {
+                o["attention_maps_url"] =
+                    json!(format!("/v1/jobs/{}/images/{}/maps", row.id, a.index));
+            }
+            images.push(o);
+        }
+    }
+    let ttl = jobs.config.result_ttl.as_millis() as i64;
+    Ok(json!({
+        "id": row.id,
+        "object": "job",
+        "status": row.status.as_str(),
+        "model": row.ensemble,
+        "seeds": row.seeds,
+        "parameters": row.params,
+        "queue_position": position,
+        "progress": progress,
+        "attempts": row.attempts,
+        "error": match row.status {
+            JobStatus::Failed | JobStatus::Cancelled => json!({"message": row.error}),
+            _ => Value::Null,
+        },
+        "timings": row.timings,
+        "images": images,
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+        "expires_at": row.finished_at.map(|f| f + ttl),
+    }))
+}
+
+/// `GET /v1/jobs/{id}`.
+pub async fn get(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let row = owned_job(&state, &caller, &id).await?;
+    Ok(axum::Json(job_view(&state, service(&state)?, &row).await?))
+}
+
+async fn artifact(
+    state: &ApiState,
+    caller: &Caller,
+    (id, k): (&str, &str),
+    kind: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let row = owned_job(state, caller, id).await?;
+    let jobs = service(state)?;
+    let missing = || ApiError::NotFound(format!("job '{id}' has no {kind} {k}"));
+    let index: usize = k.parse().map_err(|_| missing())?;
+    if row.status != JobStatus::Succeeded {
+        return Err(ApiError::NotFound(format!(
+            "job '{id}' is {}; its images exist once it succeeded",
+            row.status.as_str()
+        )));
+    }
+    let artifacts = jobs.store.artifacts(id).await.map_err(store_error)?;
+    let found = artifacts
+        .into_iter()
+        .find(|a| a.index == index && a.kind == kind)
+        .ok_or_else(missing)?;
+    let files = jobs.artifacts.clone();
+    let read = tokio::task::spawn_blocking(move || files.read(&found))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match read {
+        Ok(bytes) => Ok(bytes),
+        Err(StoreError::NotFound(m)) => Err(ApiError::NotFound(m)),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// `GET /v1/jobs/{id}/images/{k}`: the PNG.
+pub async fn image(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, k)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let bytes = artifact(&state, &caller, (&id, &k), "png").await?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
+}
+
+/// `GET /v1/jobs/{id}/images/{k}/maps`: the attention-map bundle (JSON).
+pub async fn maps(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, k)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let bytes = artifact(&state, &caller, (&id, &k), "maps").await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (409 once it finished).
+pub async fn cancel(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let row = owned_job(&state, &caller, &id).await?;
+    let jobs = service(&state)?;
+    match jobs.store.cancel(&row.id).await.map_err(store_error)? {
+        // Queued may have turned running meanwhile: tell a follower either way.
+        Some(_) => jobs.cancel_running(&row.id),
+        None => {
+            return Err(ApiError::Conflict {
+                message: format!("job '{id}' already {}", row.status.as_str()),
+                param: None,
+            });
+        }
+    }
+    let row = owned_job(&state, &caller, &id).await?;
+    Ok(axum::Json(job_view(&state, jobs, &row).await?))
+}
+
+struct Follow {
+    state: ApiState,
+    jobs: Arc<JobService>,
+    id: String,
+    last: Option<(Option<usize>, usize)>,
+    done: bool,
+}
+
+fn event(name: &str, data: &Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+impl Follow {
+    /// The events since the last call; sets `done` at the end of the job.
+    async fn next_events(&mut self) -> Vec<Event> {
+        let row = match self.jobs.store.job(&self.id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                self.done = true;
+                return vec![event("error", &unknown_job(&self.id).body())];
+            }
+            Err(e) => {
+                self.done = true;
+                return vec![event("error", &store_error(e).body())];
+            }
+        };
+        let view = match job_view(&self.state, &self.jobs, &row).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.done = true;
+                return vec![event("error", &e.body())];
+            }
+        };
+        if row.status.is_terminal() {
+            self.done = true;
+            let name = if row.status == JobStatus::Succeeded {
+                "result"
+            } else {
+                "error"
+            };
+            return vec![event(name, &view)];
+        }
+        let position = view["queue_position"].as_u64().map(|p| p as usize);
+        let step = view["progress"]["step"].as_u64().unwrap_or(0) as usize;
+        if self.last == Some((position, step)) {
+            return vec![];
+        }
+        self.last = Some((position, step));
+        match (row.status, position) {
+            (JobStatus::Queued, p) | (JobStatus::Running, p @ Some(_)) => {
+                vec![event(
+                    "queued",
+                    &json!({"status": row.status.as_str(), "position": p}),
+                )]
+            }
+            _ => {
+                let total = view["progress"]["total"].clone();
+                let data = json!({"status": "running", "step": step, "total": total});
+                vec![event("progress", &data)]
+            }
+        }
+    }
+
+    /// Waits for news: a live update, or a tenth of a second.
+    async fn wait(&self) {
+        let pause = tokio::time::sleep(Duration::from_millis(100));
+        match self.jobs.subscribe(&self.id) {
+            Some(mut rx) => {
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    _ = pause => {}
+                }
+            }
+            None => pause.await,
+        }
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: `queued` and `progress` events, then `result` (the job view)
+/// or `error`, with keep-alive comments.
+pub async fn events(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = owned_job(&state, &caller, &id).await?;
+    let keep_alive = state.config.keep_alive;
+    let follow = Follow {
+        jobs: service(&state)?.clone(),
+        state,
+        id: row.id,
+        last: None,
+        done: false,
+    };
+    let events = stream::unfold((follow, true), |(mut f, first)| async move {
+        if f.done {
+            return None;
+        }
+        if !first {
+            f.wait().await;
+        }
+        let events = f.next_events().await;
+        Some((
+            stream::iter(events.into_iter().map(Ok::<_, Infallible>)),
+            (f, false),
+        ))
+    });
+    use futures_util::StreamExt;
+    Ok(Sse::new(events.flatten())
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response())
+}
+
+/// Waits (polling the store, at most `limit`) until job `id` finished; the final row.
+pub(super) async fn await_job(
+    jobs: &JobService,
+    id: &str,
+    limit: Duration,
+) -> Result<JobRow, ApiError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let row = jobs
+            .store
+            .job(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| unknown_job(id))?;
+        if row.status.is_terminal() {
+            return Ok(row);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::TimedOut(limit));
+        }
+        let pause = tokio::time::sleep(Duration::from_millis(200));
+        match jobs.subscribe(id) {
+            Some(mut rx) => {
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    _ = pause => {}
+                }
+            }
+            None => pause.await,
+        }
+    }
+}

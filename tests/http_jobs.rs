@@ -1,0 +1,499 @@
+//! The async job API over a fake engine on a real listener with a fresh job database per
+//! server: submit/poll/fetch, idempotency, cancel, SSE progress, `response_format: "url"`,
+//! retries that end `failed`, per-key limits, expiry, and API-key isolation.
+mod http_support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use afa::api::{ApiConfig, ApiState, JobService, JobsConfig, router, run_dispatcher, run_sweeper};
+use afa::pipeline::{ImageSpec, Observer};
+use afa::store::{Artifacts, JobStore};
+use afa::worker::{BatchKey, BatchOutcome, Catalog, Engine, EngineLoader, JobError, start_worker};
+use http_support::*;
+use serde_json::{Value, json};
+
+/// A fake engine that fails every batch whose first prompt contains "fail".
+struct Flaky(FakeEngine);
+
+impl Engine for Flaky {
+    fn catalog(&self) -> Catalog {
+        self.0.catalog()
+    }
+    fn run(
+        &mut self,
+        key: &BatchKey,
+        images: &[ImageSpec],
+        observer: &mut dyn Observer,
+    ) -> Result<BatchOutcome, JobError> {
+        if images.iter().any(|i| i.prompt.contains("fail")) {
+            return Err(JobError::Failed("injected failure".into()));
+        }
+        self.0.run(key, images, observer)
+    }
+}
+
+struct JobServer {
+    server: Server,
+    jobs: Arc<JobService>,
+    control: Arc<FakeControl>,
+    _tmp: TmpDir,
+}
+
+struct TmpDir(std::path::PathBuf);
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fake-engine server with a job store in a fresh temp folder.
+fn start_jobs(step_ms: u64, ttl: Duration, api: ApiConfig) -> JobServer {
+    let tmp = std::env::temp_dir().join(format!("afa-jobs-{}", afa::store::random_hex(8).unwrap()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let control = Arc::new(FakeControl::default());
+    control.step_ms.store(step_ms, Ordering::SeqCst);
+    control.release_load.store(true, Ordering::SeqCst);
+    let c = control.clone();
+    let loader: EngineLoader =
+        Box::new(move || Ok(Box::new(Flaky(FakeEngine { control: c })) as Box<dyn Engine>));
+    let worker = start_worker(loader, worker_config(1, 8));
+    let url = format!("sqlite://{}", tmp.join("jobs.db").display());
+    let data = tmp.join("data");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let store = JobStore::open(&url).await.unwrap();
+            let config = JobsConfig {
+                max_attempts: 3,
+                result_ttl: ttl,
+                url_wait: Duration::from_secs(60),
+            };
+            let jobs = Arc::new(JobService::new(
+                store,
+                Artifacts::open(data).unwrap(),
+                config,
+            ));
+            let state = ApiState::new(worker.clone(), api).with_jobs(jobs.clone());
+            let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(run_dispatcher(state.clone(), jobs.clone(), stop_rx.clone()));
+            tokio::spawn(run_sweeper(jobs.clone(), stop_rx));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = Server {
+                addr: listener.local_addr().unwrap(),
+                worker,
+                state: state.clone(),
+            };
+            tx.send((server, jobs)).unwrap();
+            afa::api::serve_http(listener, router(state), std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    let (server, jobs) = rx.recv().unwrap();
+    wait_ready(&server, Duration::from_secs(30));
+    JobServer {
+        server,
+        jobs,
+        control,
+        _tmp: TmpDir(tmp),
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn submit(s: &JobServer, body: Value, key: Option<&str>) -> reqwest::Response {
+    let mut r = client().post(s.server.url("/v1/jobs")).json(&body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    r.send().await.unwrap()
+}
+
+async fn get(s: &JobServer, path: &str, key: Option<&str>) -> reqwest::Response {
+    let mut r = client().get(s.server.url(path));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    r.send().await.unwrap()
+}
+
+/// Polls the job until it is finished (at most 30 s).
+async fn finished(s: &JobServer, id: &str, key: Option<&str>) -> Value {
+    let t = Instant::now();
+    loop {
+        let v: Value = get(s, &format!("/v1/jobs/{id}"), key)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "job never finished: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn submit_poll_and_fetch_images() {
+    let s = start_jobs(5, Duration::from_secs(3600), ApiConfig::default());
+    let r = submit(
+        &s,
+        json!({"prompt": "a fox", "n": 2, "seed": 40, "steps": 3}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let v: Value = r.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    assert_eq!(v["seeds"], json!([40, 41]));
+    let done = finished(&s, &id, None).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["parameters"]["steps"], 3);
+    assert!(done["timings"]["denoise_ms"].is_number());
+    let images = done["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    for (k, img) in images.iter().enumerate() {
+        let r = get(&s, img["url"].as_str().unwrap(), None).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "image/png");
+        let bytes = r.bytes().await.unwrap();
+        let rgb = vec![((40 + k as u64) % 251) as u8; 8 * 8 * 3];
+        assert_eq!(
+            bytes,
+            afa::pipeline::png::encode_rgb_png(&rgb, 8, 8, None).unwrap()
+        );
+        assert_eq!(img["seed"], 40 + k as u64);
+    }
+    let r = get(&s, &format!("/v1/jobs/{id}/images/2"), None).await;
+    assert_eq!(envelope(r).await.0, 404);
+    let r = get(&s, "/v1/jobs/job_000000000000000000000000", None).await;
+    assert_eq!(envelope(r).await.0, 404);
+    let r = submit(&s, json!({"prompt": "a", "stream": true}), None).await;
+    assert_eq!(envelope(r).await.1.as_deref(), Some("stream"));
+    let r = submit(&s, json!({"prompt": "a", "steps": 0}), None).await;
+    assert_eq!(envelope(r).await.1.as_deref(), Some("steps"));
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job_or_409() {
+    let s = start_jobs(1, Duration::from_secs(3600), ApiConfig::default());
+    let send = |body: Value, key: &'static str| {
+        client()
+            .post(s.server.url("/v1/jobs"))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let a: Value = send(json!({"prompt": "x", "seed": 1, "steps": 2}), "k-1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Same body, fields in another order: the same job.
+    let r = send(json!({"steps": 2, "seed": 1, "prompt": "x"}), "k-1")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    let r = send(json!({"prompt": "y", "seed": 1, "steps": 2}), "k-1")
+        .await
+        .unwrap();
+    let (status, param, _) = envelope(r).await;
+    assert_eq!((status, param.as_deref()), (409, Some("Idempotency-Key")));
+    // Another key: another job; no key: always a new job.
+    let c: Value = send(json!({"prompt": "x", "seed": 1, "steps": 2}), "k-2")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(a["id"], c["id"]);
+    let d: Value = submit(&s, json!({"prompt": "x", "seed": 1, "steps": 2}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let e: Value = submit(&s, json!({"prompt": "x", "seed": 1, "steps": 2}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(d["id"], e["id"]);
+}
+
+#[tokio::test]
+async fn cancel_queued_and_running_jobs() {
+    let s = start_jobs(100, Duration::from_secs(3600), ApiConfig::default());
+    let long = json!({"prompt": "long", "steps": 200});
+    let a: Value = submit(&s, long.clone(), None).await.json().await.unwrap();
+    let a = a["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    // The warm-up counts one image; the row turns running just after the worker took it.
+    loop {
+        let v: Value = get(&s, &format!("/v1/jobs/{a}"), None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if s.control.started_images.load(Ordering::SeqCst) >= 2 && v["status"] == "running" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the job never started: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b: Value = submit(&s, long, None).await.json().await.unwrap();
+    let b = b["id"].as_str().unwrap().to_string();
+    for id in [&b, &a] {
+        let r = client()
+            .delete(s.server.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "cancelled");
+    }
+    let t = Instant::now();
+    while s.control.cancelled_images.load(Ordering::SeqCst) < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the running job was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = client()
+        .delete(s.server.url(&format!("/v1/jobs/{a}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(envelope(r).await.0, 409);
+    assert_eq!(finished(&s, &b, None).await["status"], "cancelled");
+}
+
+#[tokio::test]
+async fn events_stream_progress_then_the_result() {
+    let s = start_jobs(30, Duration::from_secs(3600), ApiConfig::default());
+    let v: Value = submit(&s, json!({"prompt": "p", "steps": 20, "seed": 3}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap();
+    let r = get(&s, &format!("/v1/jobs/{id}/events"), None).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = tokio::time::timeout(Duration::from_secs(30), r.text())
+        .await
+        .unwrap()
+        .unwrap();
+    let events = parse_sse(&text);
+    assert!(events.iter().any(|e| e.event == "progress"), "{text}");
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "result", "{text}");
+    let result: Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["seeds"], json!([3]));
+}
+
+#[tokio::test]
+async fn openai_url_format_links_the_stored_images() {
+    let s = start_jobs(1, Duration::from_secs(3600), ApiConfig::default());
+    let r = client()
+        .post(s.server.url("/v1/images/generations"))
+        .json(&json!({"prompt": "a", "response_format": "url", "n": 2, "seed": 8, "steps": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for (k, d) in data.iter().enumerate() {
+        let url = d["url"].as_str().unwrap();
+        assert!(
+            url.starts_with(&format!("http://{}/v1/jobs/", s.server.addr)),
+            "{url}"
+        );
+        let r = client().get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let (w, h, _) = decode_png(&r.bytes().await.unwrap());
+        assert_eq!((w, h), (8, 8));
+        assert_eq!(d["seed"], 8 + k as u64);
+    }
+}
+
+#[tokio::test]
+async fn failing_jobs_are_retried_then_fail_with_a_reason() {
+    let s = start_jobs(1, Duration::from_secs(3600), ApiConfig::default());
+    let v: Value = submit(&s, json!({"prompt": "fail please", "steps": 2}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let done = finished(&s, v["id"].as_str().unwrap(), None).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["attempts"], 3);
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("failed 3 times"), "{message}");
+    assert!(!message.contains("injected"), "internals leak: {message}");
+    let ok: Value = submit(&s, json!({"prompt": "fine", "steps": 2}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        finished(&s, ok["id"].as_str().unwrap(), None).await["status"],
+        "succeeded"
+    );
+}
+
+#[tokio::test]
+async fn finished_jobs_expire_with_their_files() {
+    let s = start_jobs(1, Duration::from_millis(300), ApiConfig::default());
+    let v: Value = submit(&s, json!({"prompt": "brief", "steps": 2}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(finished(&s, &id, None).await["status"], "succeeded");
+    let dir = s.jobs.artifacts.root().join("jobs").join(&id);
+    let t = Instant::now();
+    loop {
+        let r = get(&s, &format!("/v1/jobs/{id}"), None).await;
+        if r.status() == 404 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the job never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!dir.exists(), "files outlived their row");
+}
+
+#[tokio::test]
+async fn store_keys_isolate_callers() {
+    let s = start_jobs(1, Duration::from_secs(3600), ApiConfig::default());
+    // No key yet: open.
+    assert_eq!(get(&s, "/v1/models", None).await.status(), 200);
+    let a = s.jobs.store.create_key("alice", None).await.unwrap();
+    let b = s.jobs.store.create_key("bob", Some(2)).await.unwrap();
+    let revoked = s.jobs.store.create_key("old", None).await.unwrap();
+    assert!(s.jobs.store.revoke_key(&revoked.row.id).await.unwrap());
+    let body = json!({"prompt": "mine", "steps": 2});
+    assert_eq!(envelope(submit(&s, body.clone(), None).await).await.0, 401);
+    assert_eq!(
+        envelope(submit(&s, body.clone(), Some("afa_nope")).await)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        envelope(submit(&s, body.clone(), Some(&revoked.token)).await)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(envelope(get(&s, "/v1/models", None).await).await.0, 401);
+    for open in ["/health", "/ready", "/metrics"] {
+        assert_eq!(get(&s, open, None).await.status(), 200, "{open}");
+    }
+    let r = submit(&s, body.clone(), Some(&a.token)).await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        finished(&s, &id, Some(&a.token)).await["status"],
+        "succeeded"
+    );
+    for path in [
+        format!("/v1/jobs/{id}"),
+        format!("/v1/jobs/{id}/images/0"),
+        format!("/v1/jobs/{id}/events"),
+    ] {
+        assert_eq!(
+            envelope(get(&s, &path, Some(&b.token)).await).await.0,
+            404,
+            "{path}"
+        );
+        assert_eq!(get(&s, &path, Some(&a.token)).await.status(), 200, "{path}");
+    }
+    let r = client()
+        .delete(s.server.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&b.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(envelope(r).await.0, 404);
+    // Bob may hold at most 2 queued images.
+    let r = submit(
+        &s,
+        json!({"prompt": "many", "n": 3, "steps": 2}),
+        Some(&b.token),
+    )
+    .await;
+    assert_eq!(envelope(r).await.0, 429);
+}
+
+#[tokio::test]
+async fn operator_keys_still_work_with_the_store() {
+    let api = ApiConfig {
+        api_keys: afa::api::ApiKeys::new(vec!["operator".into()]),
+        ..ApiConfig::default()
+    };
+    let s = start_jobs(1, Duration::from_secs(3600), api);
+    assert_eq!(
+        envelope(submit(&s, json!({"prompt": "a"}), None).await)
+            .await
+            .0,
+        401
+    );
+    let r = submit(&s, json!({"prompt": "a", "steps": 2}), Some("operator")).await;
+    assert_eq!(r.status(), 202);
+    let k = s.jobs.store.create_key("k", None).await.unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        finished(&s, &id, Some("operator")).await["status"],
+        "succeeded"
+    );
+    assert_eq!(
+        get(&s, &format!("/v1/jobs/{id}"), Some(&k.token))
+            .await
+            .status(),
+        404
+    );
+}
