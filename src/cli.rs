@@ -27,6 +27,10 @@ pub enum Command {
     Serve(commands::serve::ServeArgs),
     /// Validate a models.toml (files, members, aggregators) and exit 0 or 1.
     CheckModels(commands::check_models::CheckModelsArgs),
+    /// Train the SABW aggregators of an ensemble (frozen members; docs/training.md).
+    Train(commands::train::TrainArgs),
+    /// Estimate how much an aggregator could gain for a member set before training (§7.2).
+    Probe(commands::probe::ProbeArgs),
     /// Create or upgrade the job database (serve also does this at start-up).
     Migrate(commands::migrate::MigrateArgs),
     /// Manage the API keys of the job store (create prints the key once; list; revoke).
@@ -139,6 +143,8 @@ pub fn main() -> i32 {
         Command::Bench(args) => commands::bench::run_bench(&args),
         Command::Serve(args) => commands::serve::run(&args),
         Command::CheckModels(args) => commands::check_models::run(&args),
+        Command::Train(args) => commands::train::run(&args),
+        Command::Probe(args) => commands::probe::run(&args),
         Command::Migrate(args) => commands::migrate::run(&args),
         Command::Keys(args) => commands::keys::run(&args),
     };

@@ -17,4 +17,5 @@ pub mod pipeline;
 pub mod schedulers;
 pub mod store;
 pub mod telemetry;
+pub mod trainer;
 pub mod worker;

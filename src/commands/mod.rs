@@ -6,4 +6,6 @@ pub mod generate;
 mod generate_ensemble;
 pub mod keys;
 pub mod migrate;
+pub mod probe;
 pub mod serve;
+pub mod train;
