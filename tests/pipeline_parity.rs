@@ -1,7 +1,8 @@
 //! End-to-end: the tiny model through `SdPipeline` against diffusers' StableDiffusionPipeline
 //! from the same initial latents (fixtures from scripts/fixtures/pipeline.py), the single-file
 //! copy against the diffusers folder, and seed behaviour.
-use std::collections::HashMap;
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use afa::loading::checkpoint::{LoadedModel, ModelSource, load_model};
@@ -10,21 +11,9 @@ use afa::pipeline::{
 };
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
+use common::{Capture, max_abs_diff};
 
 const FIXTURES: &str = "tests/fixtures/pipeline";
-
-#[derive(Default)]
-struct Capture(HashMap<String, Tensor>);
-
-impl Observer for Capture {
-    fn wants_tensors(&self) -> bool {
-        true
-    }
-    fn tensor(&mut self, name: &str, value: &Tensor) -> Result<(), PipelineError> {
-        self.0.insert(name.to_string(), value.clone());
-        Ok(())
-    }
-}
 
 fn pipeline(source: ModelSource) -> SdPipeline<SingleUNet> {
     let LoadedModel {
@@ -56,22 +45,6 @@ fn fixture(kind: &str, name: &str) -> Tensor {
     afa::npy::read(Path::new(FIXTURES).join(kind).join(name))
         .unwrap()
         .to_tensor(&Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

@@ -2,6 +2,8 @@
 //! by `scripts/fixtures/schedulers.py` (timesteps, sigmas, init_noise_sigma, alphas_cumprod and
 //! short rollouts of a fake deterministic model with stored ancestral noise), plus unit tests of
 //! the DDIM spacing, config parsing and error handling.
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use afa::npy;
@@ -10,6 +12,7 @@ use afa::schedulers::{
     SchedulerKind, TimestepSpacing,
 };
 use candle_core::{Device, Tensor};
+use common::max_abs_diff;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers")
@@ -41,19 +44,6 @@ impl NoiseSource for NoNoise {
     fn sample(&mut self, _shape: &[usize]) -> Result<Tensor, SchedulerError> {
         Err(SchedulerError::InvalidInput("unexpected noise draw".into()))
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn fixture_sigmas(kind: SchedulerKind, steps: usize) -> Option<Vec<f64>> {

@@ -1,10 +1,13 @@
 //! The staged UNet against diffusers' UNet2DConditionModel on the tiny seeded model
 //! (fixtures from scripts/fixtures/unet.py), and the layer plan against the AFA spec.
+mod common;
+
 use std::path::Path;
 
 use afa::loading::diffusers::open_component;
 use afa::models::unet::{StagedUNet, UNetConfig, UNetLayer, layer_plan};
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 
 fn fixture(name: &str) -> Tensor {
     afa::npy::read(Path::new("tests/fixtures/unet").join(name))
@@ -24,20 +27,6 @@ fn load_tiny_unet() -> StagedUNet {
         .build(DType::F32, &Device::Cpu, |vb| {
             StagedUNet::new(&config, vb).map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

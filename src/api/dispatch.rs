@@ -137,22 +137,9 @@ impl JobService {
 /// The stored form of a validated request: every default and the seed resolved, so that
 /// validating it again (after a restart) gives the same job and the same images.
 pub fn resolved_params(v: &Validated, req: &NativeRequest) -> Value {
-    let j = &v.job;
-    let first = &j.images[0];
-    json!({
-        "prompt": first.prompt,
-        "negative_prompt": first.negative_prompt,
-        "model": j.ensemble,
-        "ensemble_mode": j.mode.to_string(),
-        "n": j.images.len(),
-        "width": j.width,
-        "height": j.height,
-        "steps": j.steps,
-        "guidance_scale": v.guidance_scale,
-        "scheduler": j.scheduler.as_str(),
-        "seed": first.seed,
-        "return_attention_maps": req.return_attention_maps,
-    })
+    let mut params = super::output::parameters_json(v);
+    params["return_attention_maps"] = json!(req.return_attention_maps);
+    params
 }
 
 /// Validates a stored job again against what is served now.

@@ -225,14 +225,18 @@ pub trait NoiseSource {
 pub trait Scheduler: Send {
     /// The value passed to the UNet at each step.
     fn timesteps(&self) -> &[f64];
-    /// Scale of the initial latent noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input for step `step_index`; `sample` [B, C, H, W].
+    /// Scale of the initial latent noise (1 unless the sampler works in sigma space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input for step `step_index`; `sample` [B, C, H, W] (unchanged by default).
     fn scale_model_input(
         &self,
         sample: &Tensor,
-        step_index: usize,
-    ) -> Result<Tensor, SchedulerError>;
+        _step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
+        Ok(sample.clone())
+    }
     /// One denoising step: `model_output` and `sample` [B, C, H, W]; returns the next sample
     /// [B, C, H, W] in `model_output`'s dtype.
     fn step(
