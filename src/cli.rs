@@ -151,13 +151,43 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            // One line: candle errors may carry a multi-line backtrace after the message.
-            let message = format!("{e:#}");
-            eprintln!(
-                "error: {}",
-                message.lines().next().unwrap_or("unknown error").trim_end()
-            );
+            eprintln!("error: {}", one_line(&e));
             1
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once (our error types already print their
+/// source), cut before any multi-line backtrace a candle error may carry.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.lines().next().unwrap_or("").trim_end();
+        if text.is_empty() || out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    if out.is_empty() {
+        "unknown error".into()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_are_printed_once_on_one_line() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let load = crate::loading::LoadError::io(std::path::Path::new("x/vocab.json"), io);
+        let e = anyhow::Error::new(load).context("loading the tokenizer");
+        assert_eq!(one_line(&e), "loading the tokenizer: x/vocab.json: no such file");
     }
 }
