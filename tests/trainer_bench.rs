@@ -1,8 +1,8 @@
 //! Training-step benchmark for `BENCHMARKS.md` ("Training"): the full SD1.5 configuration with
 //! N = 2 members of seeded random weights, the paper's aggregators (D 128, L 2, 8 heads),
 //! batch 1 at 256 px (32x32 latents), CPU. One step = AFA forward + backward through both
-//! members + AdamW. Ignored by default (minutes and ~20 GB); run with
-//! `cargo test --release --test trainer_bench -- --ignored --nocapture`.
+//! members + AdamW. Ignored by default (minutes and ~16 GiB of RAM at 256 px); run with
+//! `AFA_BENCH_LATENT=32 AFA_BENCH_DISTINCT=1 cargo test --test trainer_bench -- --ignored --nocapture`.
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -5,12 +5,13 @@
 //! fused (faster, no-gradient) kernels only when the input does not track gradients, so the same
 //! modules serve inference and training. The fused CPU kernels (im2col convolution, group norm
 //! with SiLU, GEGLU) live in `fast`; they run only for f32 CPU tensors that track no gradient.
+//! Convolutions and linear layers whose weights are constants (frozen members) but whose input
+//! tracks gradients go through `frozen`, whose backward computes the input gradient only.
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 mod fast;
-
-pub use candle_nn::Linear;
+mod frozen;
 
 /// A `k x k` convolution with `padding` and `stride` (diffusers names `weight`, `bias`).
 pub fn conv2d(
@@ -38,8 +39,9 @@ pub fn conv2d(
 }
 
 /// A 2-D convolution (`weight` `[O, I, k, k]`, optional `bias` `[O]`). On the CPU in f32
-/// without gradients it runs as im2col + one matmul per image (see `fast`); otherwise it is
-/// candle's differentiable `conv2d`.
+/// without gradients it runs as im2col + one matmul per image (see `fast`); with constant
+/// weights and an input that tracks gradients, it runs that way on the detached input and is
+/// differentiated for the input only (see `frozen`); otherwise it is candle's `conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
@@ -63,6 +65,15 @@ impl Module for Conv2d {
     /// `x`: `[B, I, H, W]` -> `[B, O, H', W']`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
+        if frozen::applies(x, &[Some(w), self.inner.bias()]) {
+            let y = self.forward(&x.detach())?;
+            let params = frozen::ConvParams {
+                padding: self.spec.padding,
+                stride: self.spec.stride,
+                dilation: 1,
+            };
+            return frozen::attach_conv2d(x, w, y, params);
+        }
         if !fast::applies(x) || w.track_op() || w.dtype() != DType::F32 {
             return self.inner.forward(x);
         }
@@ -98,12 +109,45 @@ impl ConvSpec {
     };
 }
 
-/// A linear layer with or without bias.
+/// A linear layer with or without bias (diffusers names `weight`, `bias`).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
+    let inner = if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
     } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    };
+    Ok(Linear { inner })
+}
+
+/// A linear layer (`weight` `[O, I]`, optional `bias` `[O]`): candle's `Linear`, except that
+/// with constant weights and an input that tracks gradients it is differentiated for the input
+/// only (see `frozen`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// The weight `[O, I]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[O]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    /// `x`: `[..., I]` -> `[..., O]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        if frozen::applies(x, &[Some(w), self.inner.bias()]) {
+            let y = self.inner.forward(&x.detach())?;
+            return frozen::attach_linear(x, w, y);
+        }
+        self.inner.forward(x)
     }
 }
 
@@ -312,4 +356,61 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The modules' frozen path (constant weights, tracked input) gives the same output and
+    /// input gradient as candle's plain modules.
+    #[test]
+    fn frozen_modules_match_candle() -> Result<()> {
+        let dev = &Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8, 8), dev)?)?;
+        let vb = VarBuilder::from_tensors(
+            [
+                ("c.weight", Tensor::randn(0f32, 1.0, (4, 3, 3, 3), dev)?),
+                ("c.bias", Tensor::randn(0f32, 1.0, 4, dev)?),
+                ("l.weight", Tensor::randn(0f32, 1.0, (5, 8), dev)?),
+                ("l.bias", Tensor::randn(0f32, 1.0, 5, dev)?),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            DType::F32,
+            dev,
+        );
+        let spec = ConvSpec {
+            padding: 1,
+            stride: 2,
+            bias: true,
+        };
+        let conv = conv2d(3, 4, 3, spec, vb.pp("c"))?;
+        let lin = linear(8, 5, true, vb.pp("l"))?;
+        let ours = |x: &Tensor| -> Result<Tensor> {
+            let y = conv.forward(x)?.reshape((2, 4 * 4, 4))?.repeat((1, 1, 2))?;
+            lin.forward(&y)
+        };
+        let plain = |x: &Tensor| -> Result<Tensor> {
+            let y = conv.inner.forward(x)?.reshape((2, 4 * 4, 4))?;
+            lin.inner.forward(&y.repeat((1, 1, 2))?)
+        };
+        let (got, want) = (ours(&x)?, plain(&x)?);
+        assert!(max_diff(&got, &want)? < 1e-4);
+        let got_grad = got.sqr()?.sum_all()?.backward()?;
+        let want_grad = want.sqr()?.sum_all()?.backward()?;
+        let (g, w) = (got_grad.get(&x).unwrap(), want_grad.get(&x).unwrap());
+        assert!(max_diff(g, w)? < 1e-3);
+        // No gradient is stored for the constant weights.
+        assert!(got_grad.get(conv.weight()).is_none());
+        assert!(want_grad.get(conv.weight()).is_some());
+        Ok(())
+    }
 }
