@@ -188,6 +188,9 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
         let load = crate::loading::LoadError::io(std::path::Path::new("x/vocab.json"), io);
         let e = anyhow::Error::new(load).context("loading the tokenizer");
-        assert_eq!(one_line(&e), "loading the tokenizer: x/vocab.json: no such file");
+        assert_eq!(
+            one_line(&e),
+            "loading the tokenizer: x/vocab.json: no such file"
+        );
     }
 }
