@@ -71,3 +71,72 @@ fn full_size_layouts_match_diffusers() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs AFA_FULLSIZE_DIR with the N=2 ensemble of scripts/fullsize_afa_check.py"]
+fn full_size_official_ensemble_matches_the_reference() {
+    use afa::ensemble::EnsembleMode;
+    use afa::loading::ensemble::{EnsembleLoadOptions, open_official};
+    use afa::pipeline::{BatchRequest, ImageSpec, Limits, MapsRequest, SdPipeline};
+    use afa::schedulers::SchedulerKind;
+    let Some(root) = dir() else {
+        eprintln!("AFA_FULLSIZE_DIR not set; skipping");
+        return;
+    };
+    let reference = root.join("afa-n2-reference");
+    let options = EnsembleLoadOptions {
+        dtype: DType::F32,
+        device: Device::Cpu,
+        merge_weights: None,
+        aggregators: None,
+    };
+    let loaded = open_official(&root.join("afa-n2"))
+        .unwrap()
+        .build(&options)
+        .unwrap();
+    let pipeline = SdPipeline {
+        tokenizer: loaded.tokenizer.clone(),
+        denoiser: loaded.ensemble.denoiser(&EnsembleMode::Afa).unwrap(),
+        vae: loaded.vae.clone(),
+        scheduler_config: loaded.scheduler.clone(),
+        device: Device::Cpu,
+        model_name: "afa-n2".into(),
+        limits: Limits::default(),
+    };
+    let request = BatchRequest {
+        images: vec![ImageSpec {
+            prompt: "a photo of a cat".into(),
+            negative_prompt: "blurry".into(),
+            seed: 0,
+            guidance_scale: 7.5,
+        }],
+        width: 256,
+        height: 256,
+        steps: 10,
+        scheduler: SchedulerKind::Ddim,
+        initial_latents: Some(npy(reference.join("latent_init.npy"))),
+        attention_maps: MapsRequest::Off,
+    };
+    let mut cap = common::Capture::default();
+    pipeline.generate(&request, &mut cap).unwrap();
+    let mut worst_map = 0f32;
+    for k in 0..25 {
+        let name = format!("attention_maps_step0_{k}");
+        worst_map = worst_map.max(max_abs_diff(
+            &cap.0[&name],
+            &npy(reference.join(format!("{name}.npy"))),
+        ));
+    }
+    let eps = max_abs_diff(
+        &cap.0["noise_pred_step0"],
+        &npy(reference.join("noise_pred_step0.npy")),
+    );
+    let lat = max_abs_diff(
+        &cap.0["latent_final"],
+        &npy(reference.join("latent_final.npy")),
+    );
+    println!(
+        "full-size N=2 AFA: max abs error maps {worst_map:.2e}, eps step 0 {eps:.2e}, final latent {lat:.2e}"
+    );
+    assert!(worst_map <= 1e-4 && eps <= 1e-3 && lat <= 1e-3);
+}
