@@ -12,9 +12,11 @@ fi
 
 cargo build --quiet
 LOG=$(mktemp)
-./target/debug/afa serve --config models.toml --bind 127.0.0.1:0 --device cpu 2>"$LOG" &
+STATE=$(mktemp -d)
+./target/debug/afa serve --config models.toml --bind 127.0.0.1:0 --device cpu \
+    --database-url "sqlite://$STATE/afa.db" --data-dir "$STATE/data" 2>"$LOG" &
 PID=$!
-trap 'kill "$PID" 2>/dev/null || true; rm -f "$LOG"' EXIT
+trap 'kill "$PID" 2>/dev/null || true; rm -rf "$LOG" "$STATE"' EXIT
 
 ADDR=""
 for _ in $(seq 1 600); do

@@ -8,6 +8,7 @@ A1111 `parameters` chunk, reproducible by seed), models.list/retrieve, error map
 Exits non-zero on the first failure.
 """
 import base64
+import urllib.request
 import struct
 import sys
 import zlib
@@ -68,6 +69,14 @@ def main() -> None:
                                  extra_body={"seed": 10, "steps": 1})
     assert len(two.data) == 2
 
+    # response_format="url": the job store keeps the PNG and the response links to it.
+    linked = client.images.generate(model="tiny-afa", prompt="a lighthouse", response_format="url",
+                                    extra_body={"seed": 3, "steps": 1})
+    url = linked.data[0].url
+    assert url and url.startswith("http"), url
+    with urllib.request.urlopen(url, timeout=60) as r:
+        assert r.read().startswith(b"\x89PNG"), "the url does not serve a PNG"
+
     models = client.models.list()
     ids = [m.id for m in models.data]
     assert "tiny-afa" in ids, ids
@@ -76,7 +85,6 @@ def main() -> None:
     bad_cases = [
         dict(prompt="", model="tiny-afa"),
         dict(prompt="a", model="tiny-afa", size="13x13"),
-        dict(prompt="a", model="tiny-afa", response_format="url"),
         dict(prompt="a", model="tiny-afa", extra_body={"steps": 0}),
         dict(prompt="a", model="tiny-afa", extra_body={"guidance_scale": -1}),
         dict(prompt="a", model="tiny-afa", extra_body={"scheduler": "plms"}),
