@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${AFA_CONFORMANCE_VENV:-target/openai-venv}
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+# (Re)create the venv when missing or broken (a moved venv keeps stale absolute paths).
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    python3 -m venv --clear "$VENV"
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check openai
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai
 
 cargo build --quiet
 LOG=$(mktemp)
