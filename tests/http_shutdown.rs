@@ -1,59 +1,17 @@
 //! Graceful shutdown of the real `afa serve` binary: on SIGTERM `/ready` turns 503, new work
 //! is refused with 503 + Retry-After, the in-flight job still completes, and the exit code is 0.
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod http_support;
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_work_and_exits_zero() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_afa"))
-        .args([
-            "serve",
-            "--config",
-            &format!("{root}/models.toml"),
-            "--bind",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--device",
-            "cpu",
-            "--shutdown-grace-s",
-            "60",
-            "--max-batch",
-            "1",
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server did not start");
+    let (mut child, addr) = http_support::spawn_serve(&["--shutdown-grace-s".into(), "60".into()]);
     let url = |p: &str| format!("http://{addr}{p}");
     let client = reqwest::Client::new();
-    let t = Instant::now();
-    while client
-        .get(url("/ready"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(t.elapsed() < Duration::from_secs(120), "never ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    http_support::wait_ready_at(&client, &addr).await;
     // A job long enough to be running when the signal arrives.
     let mut stream = client
         .post(url("/generate/stream"))

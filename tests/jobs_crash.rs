@@ -2,8 +2,9 @@
 //! server is killed while a job runs and others wait; a new process on the same database and
 //! data dir re-queues them in order, runs the interrupted one again, and every job succeeds
 //! with its seeds and the same PNG bytes as a synchronous reference run.
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod http_support;
+
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -17,52 +18,12 @@ impl Drop for Tmp {
 
 /// Starts `afa serve` on the database and data dir in `tmp`; returns it and its address.
 fn spawn(tmp: &std::path::Path) -> (Child, String) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_afa"))
-        .args(["serve", "--config", &format!("{root}/models.toml")])
-        .args([
-            "--bind",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--max-batch",
-            "1",
-        ])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", tmp.join("jobs.db").display()))
-        .arg("--data-dir")
-        .arg(tmp.join("data"))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server did not start");
-    (child, addr)
-}
-
-async fn wait_ready(client: &reqwest::Client, addr: &str) {
-    let t = Instant::now();
-    while client
-        .get(format!("http://{addr}/ready"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(t.elapsed() < Duration::from_secs(120), "never ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    http_support::spawn_serve(&[
+        "--database-url".into(),
+        format!("sqlite://{}", tmp.join("jobs.db").display()),
+        "--data-dir".into(),
+        tmp.join("data").display().to_string(),
+    ])
 }
 
 async fn job(client: &reqwest::Client, addr: &str, id: &str) -> Value {
@@ -93,7 +54,7 @@ async fn sigkill_mid_run_loses_no_job_and_reruns_the_interrupted_one() {
     let _guard = Tmp(tmp.clone());
     let client = reqwest::Client::new();
     let (mut first, addr) = spawn(&tmp);
-    wait_ready(&client, &addr).await;
+    http_support::wait_ready_at(&client, &addr).await;
     let seeds = [11u64, 22, 33, 44];
     let mut ids = Vec::new();
     for seed in seeds {
@@ -128,7 +89,7 @@ async fn sigkill_mid_run_loses_no_job_and_reruns_the_interrupted_one() {
     kill(&mut first);
 
     let (mut second, addr) = spawn(&tmp);
-    wait_ready(&client, &addr).await;
+    http_support::wait_ready_at(&client, &addr).await;
     let t = Instant::now();
     let mut done = Vec::new();
     for id in &ids {

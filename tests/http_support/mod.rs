@@ -293,3 +293,55 @@ pub fn parse_sse(text: &str) -> Vec<Sse> {
         })
         .collect()
 }
+
+/// Starts the real `afa serve` binary on the committed models.toml at 127.0.0.1:0 with
+/// `--device cpu --max-batch 1` plus `extra` arguments; returns the child and its address
+/// (read from the "listening on" log line).
+pub fn spawn_serve(extra: &[String]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_afa"))
+        .args(["serve", "--config", &format!("{root}/models.toml")])
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--max-batch",
+            "1",
+        ])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server did not start");
+    (child, addr)
+}
+
+/// Polls `/ready` until it answers 200 (at most two minutes).
+pub async fn wait_ready_at(client: &reqwest::Client, addr: &str) {
+    let t = std::time::Instant::now();
+    while client
+        .get(format!("http://{addr}/ready"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(t.elapsed() < Duration::from_secs(120), "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
