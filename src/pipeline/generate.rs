@@ -232,7 +232,7 @@ impl<D: Denoiser> SdPipeline<D> {
         let started = Instant::now();
         let z = self
             .vae
-            .unscale_latents(&latents.to_dtype(self.vae_dtype())?)?;
+            .unscale_latents(&latents.to_dtype(self.vae.dtype())?)?;
         let image = self
             .vae
             .decode(&z)?
@@ -276,10 +276,6 @@ impl<D: Denoiser> SdPipeline<D> {
             timings,
             attention_maps: collected.finish(timesteps.len())?,
         })
-    }
-
-    fn vae_dtype(&self) -> DType {
-        self.vae.dtype()
     }
 }
 

@@ -328,32 +328,34 @@ fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) {
 fn next_batch(shared: &Shared) -> Option<Vec<WorkItem>> {
     let cfg = shared.config;
     let mut state = shared.lock();
-    loop {
+    'wait_for_work: loop {
         if state.shutdown {
             return None;
         }
         drop_cancelled_and_expired(&mut state, cfg.request_timeout);
-        if !state.queue.is_empty() {
-            break;
-        }
-        shared.idle.notify_all();
-        state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
-    }
-    let deadline = Instant::now() + cfg.batch_wait;
-    while state.queue.ready_for_next(cfg.max_batch) < cfg.max_batch && !state.shutdown {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        state = shared
-            .work
-            .wait_timeout(state, deadline - now)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
-        drop_cancelled_and_expired(&mut state, cfg.request_timeout);
         if state.queue.is_empty() {
-            return next_batch_after_empty(shared, state);
+            shared.idle.notify_all();
+            state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
+            continue;
         }
+        let deadline = Instant::now() + cfg.batch_wait;
+        while state.queue.ready_for_next(cfg.max_batch) < cfg.max_batch && !state.shutdown {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = shared
+                .work
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            drop_cancelled_and_expired(&mut state, cfg.request_timeout);
+            if state.queue.is_empty() {
+                // Everything waiting was cancelled meanwhile: wait for new work.
+                continue 'wait_for_work;
+            }
+        }
+        break;
     }
     let batch = state.queue.take_batch(cfg.max_batch);
     state.running = batch.len();
@@ -363,11 +365,6 @@ fn next_batch(shared: &Shared) -> Option<Vec<WorkItem>> {
         }
     }
     Some(batch)
-}
-
-fn next_batch_after_empty(shared: &Shared, state: MutexGuard<'_, State>) -> Option<Vec<WorkItem>> {
-    drop(state);
-    next_batch(shared)
 }
 
 /// Removes queued images of jobs whose receiver is gone, and fails jobs past the timeout.
@@ -475,7 +472,6 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, batch: Vec<WorkItem>) {
 
 fn unique_jobs(batch: &[WorkItem]) -> Vec<u64> {
     let mut ids: Vec<u64> = batch.iter().map(|i| i.job_id).collect();
-    ids.dedup();
     ids.sort_unstable();
     ids.dedup();
     ids
