@@ -25,6 +25,7 @@
 //! 5. `bos`, the first `max_len - 2` tokens, `eos`, then padding to `max_len` with the pad id.
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
@@ -73,14 +74,21 @@ pub struct Tokenized {
 }
 
 /// CLIP's byte-level BPE tokenizer. Encoding never fails and never panics on any `&str`.
-#[derive(Debug, Clone)]
-pub struct ClipTokenizer {
+/// Lookup tables of a tokenizer.
+#[derive(Debug)]
+struct Tables {
     encoder: HashMap<String, u32>,
     decoder: HashMap<u32, String>,
     /// `(left id, right id)` -> `(rank, merged id)`.
     merges: HashMap<(u32, u32), (u32, u32)>,
-    byte_encoder: [char; 256],
     byte_decoder: HashMap<char, u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClipTokenizer {
+    /// The vocabulary tables, shared so that a clone (one per served batch) costs nothing.
+    tables: Arc<Tables>,
+    byte_encoder: [char; 256],
     clip_split: Regex,
     gpt2_split: Regex,
     whitespace: Regex,
@@ -122,11 +130,13 @@ impl ClipTokenizer {
             byte_decoder.insert(c, b);
         }
         ClipTokenizer {
-            encoder,
-            decoder,
-            merges,
+            tables: Arc::new(Tables {
+                encoder,
+                decoder,
+                merges,
+                byte_decoder,
+            }),
             byte_encoder,
-            byte_decoder,
             clip_split: Regex::new(CLIP_PATTERN).expect("CLIP pattern is a valid regex"),
             gpt2_split: Regex::new(GPT2_PATTERN).expect("GPT-2 pattern is a valid regex"),
             whitespace: Regex::new(r"\s+").expect("whitespace pattern is a valid regex"),
@@ -199,12 +209,12 @@ impl ClipTokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         let joined: String = ids
             .iter()
-            .filter_map(|id| self.decoder.get(id))
+            .filter_map(|id| self.tables.decoder.get(id))
             .map(String::as_str)
             .collect();
         let mut bytes = Vec::with_capacity(joined.len());
         for c in joined.replace(END_OF_WORD, " ").chars() {
-            match self.byte_decoder.get(&c) {
+            match self.tables.byte_decoder.get(&c) {
                 Some(&b) => bytes.push(b),
                 None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
             }
@@ -234,7 +244,7 @@ impl ClipTokenizer {
 
     /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
-        self.encoder.len()
+        self.tables.encoder.len()
     }
 
     /// Byte offset of the next literal special token in `text`, with its id and length
@@ -281,10 +291,14 @@ impl ClipTokenizer {
                 if i == last {
                     key.push_str(END_OF_WORD);
                 }
-                self.encoder.get(&key).copied().unwrap_or(self.eos_id)
+                self.tables
+                    .encoder
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(self.eos_id)
             })
             .collect();
-        out.extend(merge_all(ids, &self.merges));
+        out.extend(merge_all(ids, &self.tables.merges));
     }
 }
 
