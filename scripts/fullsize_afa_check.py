@@ -44,8 +44,8 @@ def main():
     torch.manual_seed(1)
     unet_b = UNet2DConditionModel(**SD15_UNET).eval()
     text_b = CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).eval()
-    unet_b.save_pretrained(out / "additional_unet_1", safe_serialization=True)
-    text_b.save_pretrained(out / "additional_text_encoder_1", safe_serialization=True)
+    unet_b.save_pretrained(out / "additional_unet_0", safe_serialization=True)
+    text_b.save_pretrained(out / "additional_text_encoder_0", safe_serialization=True)
 
     unets = [UNet2DConditionModel.from_pretrained(base / "unet").eval(), unet_b]
     tes = [CLIPTextModel.from_pretrained(base / "text_encoder").eval(), text_b]

@@ -4,7 +4,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{max_abs_diff, npy, official_folder, scratch};
+use common::{legacy_folder, max_abs_diff, npy, official_folder, scratch};
 
 fn afa(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_afa"))
@@ -30,16 +30,17 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn an_official_folder_reproduces_the_reference_through_the_cli() {
-    let folder = official_folder("n2");
+/// `afa generate --model FOLDER` with the reference's prompt and initial noise; compares the
+/// dumps with fixture ensemble `tag`'s reference and returns the image's pixels.
+fn official_folder_matches_reference(folder: &Path, tag: &str) -> Vec<u8> {
+    let n = if tag == "n2" { 2 } else { 3 };
     let dir = scratch("cli-official");
     let dump = dir.join("dump");
-    let reference = Path::new("tests/fixtures/afa/n2/reference");
+    let reference = Path::new("tests/fixtures/afa").join(tag).join("reference");
     ok(&[
         "generate",
         "--model",
-        s(&folder),
+        s(folder),
         "--prompt",
         "a photo of a cat",
         "--negative-prompt",
@@ -65,9 +66,12 @@ fn an_official_folder_reproduces_the_reference_through_the_cli() {
             "{name}"
         );
     }
-    for name in ["text_emb_e0.npy", "text_emb_e1.npy", "text_emb_mean.npy"] {
+    let names = (0..n)
+        .map(|e| format!("text_emb_e{e}.npy"))
+        .chain(["text_emb_mean.npy".to_string()]);
+    for name in names {
         assert!(
-            max_abs_diff(&npy(dump.join(name)), &npy(reference.join(name))) <= 1e-4,
+            max_abs_diff(&npy(dump.join(&name)), &npy(reference.join(&name))) <= 1e-4,
             "{name}"
         );
     }
@@ -81,6 +85,50 @@ fn an_official_folder_reproduces_the_reference_through_the_cli() {
         &npy(reference.join("latent_final.npy")),
     );
     assert!(lat <= 1e-3, "{lat}");
+    image::open(dir.join("x.png")).unwrap().to_rgb8().into_raw()
+}
+
+#[test]
+fn the_official_layout_reproduces_the_reference_through_the_cli_for_n2_and_n3() {
+    for tag in ["n2", "n3"] {
+        let folder = official_folder(tag);
+        // As `save_pretrained` wrote it: expert i >= 1 in additional_unet_{i-1}, none at N-1.
+        let n = if tag == "n2" { 2 } else { 3 };
+        assert!(folder.join(format!("additional_unet_{}", n - 2)).is_dir());
+        assert!(!folder.join(format!("additional_unet_{}", n - 1)).exists());
+        official_folder_matches_reference(&folder, tag);
+    }
+}
+
+#[test]
+fn our_earlier_layout_still_loads_with_a_warning() {
+    let official = official_folder_matches_reference(&official_folder("n3"), "n3");
+    let legacy = legacy_folder("n3");
+    assert!(
+        legacy.join("additional_unet_2").is_dir() && !legacy.join("additional_unet_0").exists()
+    );
+    assert_eq!(official_folder_matches_reference(&legacy, "n3"), official);
+    let out = afa(&[
+        "generate",
+        "--model",
+        s(&legacy),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--quiet",
+        "--out",
+        s(&scratch("legacy").join("y.png")),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("earlier layout"),
+        "{stderr}"
+    );
 }
 
 #[test]

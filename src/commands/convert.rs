@@ -134,7 +134,7 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Expert 0's whole pipeline folder, then `additional_*_{i}` for the others.
+/// Expert 0's whole pipeline folder, then `additional_*_{i}` (i = 0..N-2) for the others.
 fn copy_experts(members: &[PathBuf], to: &Path) -> anyhow::Result<()> {
     let first = members.first().context("no members")?;
     for sub in ["unet", "text_encoder", "vae", "tokenizer", "scheduler"] {
@@ -145,7 +145,8 @@ fn copy_experts(members: &[PathBuf], to: &Path) -> anyhow::Result<()> {
     if first.join("model_index.json").is_file() {
         std::fs::copy(first.join("model_index.json"), to.join("model_index.json"))?;
     }
-    for (i, m) in members.iter().enumerate().skip(1) {
+    // Expert i >= 1 goes to `additional_*_{i-1}`, as the official `save_pretrained` writes it.
+    for (i, m) in members.iter().skip(1).enumerate() {
         copy_dir(&m.join("unet"), &to.join(format!("additional_unet_{i}")))?;
         copy_dir(
             &m.join("text_encoder"),

@@ -121,18 +121,38 @@ pub fn open_model(source: &ModelSource) -> Result<OpenedModel, LoadError> {
     })
 }
 
-/// Opens expert `index` of an official AFA folder: expert 0 is the folder's own `unet/` and
-/// `text_encoder/`, expert i > 0 is `additional_unet_{i}/` and `additional_text_encoder_{i}/`;
+/// Where expert `index` of an official AFA folder lives: expert 0 is the folder's own `unet/` and
+/// `text_encoder/`; expert i >= 1 is `additional_unet_{i-1}/` and `additional_text_encoder_{i-1}/`
+/// (the official `save_pretrained` enumerates `unets[1:]` from 0). Folders written by our earlier
+/// converter used `additional_unet_{i}/`; they are still read, with a warning, when
+/// `additional_unet_0/` is absent.
+pub fn official_expert_dirs(dir: &Path, index: usize) -> (String, String) {
+    if index == 0 {
+        return ("unet".to_string(), "text_encoder".to_string());
+    }
+    let official = index - 1;
+    let legacy = !dir.join("additional_unet_0").is_dir()
+        && dir.join(format!("additional_unet_{index}")).is_dir();
+    let folder = if legacy {
+        tracing::warn!(
+            folder = %dir.display(),
+            "expert {index} read from additional_unet_{index}/ (our earlier layout); the official \
+             layout is additional_unet_{official}/: rewrite the folder with `afa convert`"
+        );
+        index
+    } else {
+        official
+    };
+    (
+        format!("additional_unet_{folder}"),
+        format!("additional_text_encoder_{folder}"),
+    )
+}
+
+/// Opens expert `index` of an official AFA folder (`official_expert_dirs` says where it lives);
 /// the VAE, tokenizer and scheduler are the folder's.
 pub fn open_official_expert(dir: &Path, index: usize) -> Result<OpenedModel, LoadError> {
-    let (unet_dir, text_dir) = if index == 0 {
-        ("unet".to_string(), "text_encoder".to_string())
-    } else {
-        (
-            format!("additional_unet_{index}"),
-            format!("additional_text_encoder_{index}"),
-        )
-    };
+    let (unet_dir, text_dir) = official_expert_dirs(dir, index);
     let part = |sub: &str, component| -> Result<(ComponentFolder, PathBuf), LoadError> {
         let d = dir.join(sub);
         Ok((

@@ -34,9 +34,83 @@ pub struct BpeVocab {
 }
 
 impl BpeVocab {
-    /// Reads `dir/vocab.json` and `dir/merges.txt` (a diffusers `tokenizer/` folder).
+    /// Reads a diffusers `tokenizer/` folder: `vocab.json` + `merges.txt` (what transformers 4
+    /// writes), or else `tokenizer.json` alone (what transformers 5 writes).
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
-        Self::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))
+        let (vocab, merges, json) = (
+            dir.join("vocab.json"),
+            dir.join("merges.txt"),
+            dir.join("tokenizer.json"),
+        );
+        if !vocab.is_file() && !merges.is_file() && json.is_file() {
+            return Self::from_tokenizer_json(&json);
+        }
+        Self::from_files(&vocab, &merges)
+    }
+
+    /// Reads a HF `tokenizers` `tokenizer.json` of a BPE model: `model.vocab`, `model.merges`
+    /// (`"a b"` strings or `["a", "b"]` pairs) and `added_tokens`. Its normalizer and
+    /// pre-tokenizer are CLIP's, which `models::tokenizer` implements; they are not read.
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self, LoadError> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            model: Model,
+            #[serde(default)]
+            added_tokens: Vec<Added>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Model {
+            #[serde(rename = "type")]
+            kind: String,
+            vocab: HashMap<String, u32>,
+            merges: Vec<serde_json::Value>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Added {
+            id: u32,
+            content: String,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        let file: File = serde_json::from_str(&text).map_err(|source| LoadError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if file.model.kind != "BPE" {
+            return Err(LoadError::format(
+                path,
+                format!("a '{}' tokenizer, not BPE", file.model.kind),
+            ));
+        }
+        let mut encoder = file.model.vocab;
+        for added in file.added_tokens {
+            encoder.entry(added.content).or_insert(added.id);
+        }
+        let merges = file
+            .model
+            .merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m {
+                serde_json::Value::String(line) => parse_merge_line(line, i + 1, path),
+                serde_json::Value::Array(pair) => match pair.as_slice() {
+                    [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                        Ok((a.clone(), b.clone()))
+                    }
+                    _ => Err(LoadError::format(
+                        path,
+                        format!("merge {} is not a pair", i + 1),
+                    )),
+                },
+                _ => Err(LoadError::format(
+                    path,
+                    format!("merge {} is not a pair", i + 1),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if encoder.is_empty() {
+            return Err(LoadError::format(path, "the vocabulary is empty"));
+        }
+        Self::from_parts(encoder, merges, path, path)
     }
 
     /// Reads a `vocab.json` (`{"token": id, ...}`) and a `merges.txt` (`#version` header
@@ -217,6 +291,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("afa-tokfiles-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn tokenizer_json_of_transformers_5_reads_like_vocab_and_merges() {
+        // The official folder fixture was saved by transformers 5 (tokenizer.json only); the
+        // member folder by transformers 4 (vocab.json + merges.txt); same tokenizer.
+        let json =
+            BpeVocab::from_dir(Path::new("tests/fixtures/afa/n2/official/tokenizer")).unwrap();
+        let pair = BpeVocab::from_dir(Path::new("tests/fixtures/tiny-sd/tokenizer")).unwrap();
+        assert_eq!(json.encoder(), pair.encoder());
+        assert_eq!(json.merges(), pair.merges());
+        let dir = scratch_dir("tokjson");
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            r#"{"model": {"type": "WordPiece", "vocab": {}, "merges": []}}"#,
+        )
+        .unwrap();
+        let err = BpeVocab::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("WordPiece"), "{err}");
     }
 
     #[test]

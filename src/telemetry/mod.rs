@@ -42,6 +42,17 @@ pub const DRAINING: &str = "afa_draining";
 /// Stages reported under [`STAGE_SECONDS`].
 pub const STAGES: [&str; 4] = ["text_encode", "denoise", "decode", "png_encode"];
 
+/// Warnings (and errors) only, to stderr: what the one-shot commands (`generate`, `train`, ...)
+/// show, e.g. that a folder was read in a deprecated layout.
+pub fn init_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
 /// Logs to stderr at `info` (`debug` when `verbose`). Repeated calls are harmless (the second
 /// install fails quietly).
 pub fn init_tracing(verbose: bool) {

@@ -55,39 +55,34 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Assembles the official AFA folder layout (§9) for fixture ensemble `tag` ("n2"/"n3") in a
-/// scratch folder: expert 0's pipeline folder, `additional_unet_{i}`/`additional_text_encoder_{i}`,
-/// the aggregators and `model_config.json`.
+/// A scratch copy of fixture ensemble `tag`'s ("n2"/"n3") official folder, written by the
+/// reference script exactly as the official `save_pretrained` writes it (§9): expert 0's
+/// pipeline folder, `additional_unet_{i}`/`additional_text_encoder_{i}` for i = 0..N-2, the
+/// aggregators and `model_config.json`.
 pub fn official_folder(tag: &str) -> PathBuf {
-    let fixtures = Path::new("tests/fixtures");
-    let ensemble = fixtures.join("afa").join(tag);
-    let members: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(ensemble.join("members.json")).unwrap())
-            .unwrap();
     let dir = scratch(&format!("official-{tag}"));
-    copy_dir(&fixtures.join(&members[0]), &dir);
-    for (i, m) in members.iter().enumerate().skip(1) {
-        copy_dir(
-            &fixtures.join(m).join("unet"),
-            &dir.join(format!("additional_unet_{i}")),
-        );
-        copy_dir(
-            &fixtures.join(m).join("text_encoder"),
-            &dir.join(format!("additional_text_encoder_{i}")),
-        );
-    }
-    for entry in std::fs::read_dir(&ensemble).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("aggregator_") {
-            copy_dir(&entry.path(), &dir.join(&name));
+    copy_dir(
+        &Path::new("tests/fixtures/afa").join(tag).join("official"),
+        &dir,
+    );
+    dir
+}
+
+/// The same folder in our earlier layout (expert i in `additional_*_{i}`, i = 1..N-1).
+pub fn legacy_folder(tag: &str) -> PathBuf {
+    let dir = official_folder(tag);
+    let n = (0..)
+        .take_while(|i| dir.join(format!("additional_unet_{i}")).is_dir())
+        .count();
+    for i in (0..n).rev() {
+        for kind in ["unet", "text_encoder"] {
+            std::fs::rename(
+                dir.join(format!("additional_{kind}_{i}")),
+                dir.join(format!("additional_{kind}_{}", i + 1)),
+            )
+            .unwrap();
         }
     }
-    std::fs::copy(
-        ensemble.join("model_config.json"),
-        dir.join("model_config.json"),
-    )
-    .unwrap();
     dir
 }
 
