@@ -33,6 +33,10 @@ pub enum Command {
     Probe(commands::probe::ProbeArgs),
     /// Create or upgrade the job database (serve also does this at start-up).
     Migrate(commands::migrate::MigrateArgs),
+    /// The demonstration world: render a captioned dataset, judge pictures against captions.
+    Demo(commands::demo::DemoArgs),
+    /// Measure every mode of an ensemble on the demonstration world (loss, alignment, routing).
+    Eval(commands::eval::EvalArgs),
     /// Manage the API keys of the job store (create prints the key once; list; revoke).
     Keys(commands::keys::KeysArgs),
 }
@@ -137,6 +141,9 @@ fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
 /// Parses the command line, runs the command, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::telemetry::init_warnings();
+    }
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
         Command::Convert(args) => commands::convert::run(&args),
@@ -147,6 +154,8 @@ pub fn main() -> i32 {
         Command::Probe(args) => commands::probe::run(&args),
         Command::Migrate(args) => commands::migrate::run(&args),
         Command::Keys(args) => commands::keys::run(&args),
+        Command::Demo(args) => commands::demo::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
     };
     match result {
         Ok(()) => 0,

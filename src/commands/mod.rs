@@ -2,6 +2,8 @@
 pub mod bench;
 pub mod check_models;
 pub mod convert;
+pub mod demo;
+pub mod eval;
 pub mod generate;
 mod generate_ensemble;
 pub mod keys;
