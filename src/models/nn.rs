@@ -139,15 +139,33 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x`: `[..., I]` -> `[..., O]`, batch-invariant: every sample (the leading dimension; a
+    /// row for 2-D inputs) is its own matrix product, so the matrix shapes (and with them the
+    /// CPU gemm's kernel choice and summation order) never depend on how many samples share the
+    /// call. candle's `Linear` folds the batch into the rows of one product instead, which
+    /// changes results in the last bits with the batch size.
+    fn per_sample(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 2 || dims[0] == 1 {
+            return self.inner.forward(x);
+        }
+        let samples: Vec<Tensor> = (0..dims[0])
+            .map(|s| self.inner.forward(&x.narrow(0, s, 1)?))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&samples, 0)
+    }
+}
+
 impl Module for Linear {
-    /// `x`: `[..., I]` -> `[..., O]`.
+    /// `x`: `[B, ..., I]` -> `[B, ..., O]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
         if frozen::applies(x, &[Some(w), self.inner.bias()]) {
-            let y = self.inner.forward(&x.detach())?;
+            let y = self.per_sample(&x.detach())?;
             return frozen::attach_linear(x, w, y);
         }
-        self.inner.forward(x)
+        self.per_sample(x)
     }
 }
 
@@ -250,11 +268,13 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     value * gate.gelu_erf()?
 }
 
-/// Upper bound on the number of attention scores materialised at once (per slice of queries).
+/// Upper bound on the number of attention scores materialised at once, per sample.
 const ATTENTION_SCORE_BUDGET: usize = 1 << 24;
 
-/// Scaled dot-product attention over heads, computed in slices of queries so that the score
-/// matrix for all heads is never allocated at once for long sequences.
+/// Scaled dot-product attention over heads. For long sequences it runs one sample at a time,
+/// in slices of queries, so that the score matrix of all heads is never allocated at once. The
+/// slicing depends on the per-sample shape only, never on the batch size, so a sample's result
+/// is the same bits whatever else shares the batch.
 ///
 /// `q`: `[B, H, Tq, d]`, `k`, `v`: `[B, H, Tk, d]` -> `[B, H, Tq, d]`.
 pub fn scaled_dot_product_attention(
@@ -263,13 +283,24 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_within(q, k, v, scale, ATTENTION_SCORE_BUDGET)
+}
+
+/// `scaled_dot_product_attention` with at most `budget` scores per sample at once.
+fn attention_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, h, tq, _) = q.dims4()?;
     let tk = k.dim(2)?;
     let kt = k.transpose(2, 3)?.contiguous()?;
     let v = v.contiguous()?;
-    let rows_per_slice = (ATTENTION_SCORE_BUDGET / (b * h * tk).max(1)).clamp(1, tq);
-    let attend = |q: &Tensor| -> Result<Tensor> {
-        let scores = q.matmul(&kt)?;
+    let rows_per_slice = (budget / (h * tk).max(1)).clamp(1, tq);
+    let attend = |q: &Tensor, kt: &Tensor, v: &Tensor| -> Result<Tensor> {
+        let scores = q.matmul(kt)?;
         let scores = if scores.dtype() == DType::F32 || scores.dtype() == DType::F64 {
             scaled_softmax_last_dim(&scores, scale)?
         } else {
@@ -277,19 +308,25 @@ pub fn scaled_dot_product_attention(
             scaled_softmax_last_dim(&scores.to_dtype(DType::F32)?, scale)?
                 .to_dtype(scores.dtype())?
         };
-        scores.matmul(&v)
+        scores.matmul(v)
     };
-    if rows_per_slice >= tq {
-        return attend(&q.contiguous()?);
+    if rows_per_slice >= tq && b * h * tk * tq <= budget {
+        return attend(&q.contiguous()?, &kt, &v);
     }
-    let mut outs = Vec::with_capacity(tq.div_ceil(rows_per_slice));
-    let mut start = 0;
-    while start < tq {
-        let len = rows_per_slice.min(tq - start);
-        outs.push(attend(&q.narrow(2, start, len)?.contiguous()?)?);
-        start += len;
+    let mut samples = Vec::with_capacity(b);
+    for s in 0..b {
+        let (kt, v) = (kt.narrow(0, s, 1)?, v.narrow(0, s, 1)?);
+        let mut outs = Vec::with_capacity(tq.div_ceil(rows_per_slice));
+        let mut start = 0;
+        while start < tq {
+            let len = rows_per_slice.min(tq - start);
+            let q = q.narrow(0, s, 1)?.narrow(2, start, len)?.contiguous()?;
+            outs.push(attend(&q, &kt, &v)?);
+            start += len;
+        }
+        samples.push(Tensor::cat(&outs, 2)?);
     }
-    Tensor::cat(&outs, 2)
+    Tensor::cat(&samples, 0)
 }
 
 /// Multi-head attention as diffusers' `Attention` (`to_q`, `to_k`, `to_v` without bias unless
@@ -366,6 +403,51 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
+    /// A sample's attention and linear outputs are the same bits alone or in any batch, sliced
+    /// or not (the slicing depends on the per-sample shape only).
+    #[test]
+    fn attention_and_linear_are_batch_invariant() -> Result<()> {
+        let dev = &Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (3, 2, 37, 8), dev)?;
+        let k = Tensor::randn(0f32, 1.0, (3, 2, 21, 8), dev)?;
+        let one = |t: &Tensor| t.narrow(0, 1, 1);
+        for budget in [1 << 24, 2 * 21 * 37 * 2, 2 * 21 * 5, 1] {
+            let alone = attention_within(&one(&q)?, &one(&k)?, &one(&k)?, 0.3, budget)?;
+            let batch = attention_within(&q, &k, &k, 0.3, budget)?;
+            assert_eq!(bits(&alone), bits(&one(&batch)?), "budget {budget}");
+            let whole = attention_within(&q, &k, &k, 0.3, 1 << 24)?;
+            assert!(max_diff(&batch, &whole)? < 1e-6, "budget {budget}");
+        }
+        let vb = VarBuilder::from_tensors(
+            [(
+                "weight".to_string(),
+                Tensor::randn(0f32, 1.0, (16, 16), dev)?,
+            )]
+            .into_iter()
+            .collect(),
+            DType::F32,
+            dev,
+        );
+        let lin = linear(16, 16, false, vb)?;
+        // Small shapes are where the CPU gemm picks kernels by the row count.
+        let x = Tensor::randn(0f32, 1.0, (3, 16, 16), dev)?;
+        assert_eq!(
+            bits(&lin.forward(&one(&x)?)?),
+            bits(&one(&lin.forward(&x)?)?)
+        );
+        let rows = Tensor::randn(0f32, 1.0, (5, 16), dev)?;
+        assert_eq!(
+            bits(&lin.forward(&one(&rows)?)?),
+            bits(&one(&lin.forward(&rows)?)?)
+        );
+        Ok(())
     }
 
     /// The modules' frozen path (constant weights, tracked input) gives the same output and
