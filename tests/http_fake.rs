@@ -240,3 +240,35 @@ async fn request_ids_are_echoed_or_generated_everywhere() {
     let body: Value = ok.json().await.unwrap();
     assert_eq!(body["id"], other.as_str());
 }
+
+#[tokio::test]
+async fn a_failed_warm_up_keeps_ready_at_503_with_the_reason() {
+    let (s, control) = start_fake(worker_config(2, 8), ApiConfig::default(), true);
+    control.fail_runs.store(true, Ordering::SeqCst);
+    control.release_load.store(true, Ordering::SeqCst);
+    let failed = wait_until(Duration::from_secs(10), || s.worker.failure().is_some()).await;
+    assert!(failed, "the worker never reported the failure");
+    let (status, _, body) = envelope(reqwest::get(s.url("/ready")).await.unwrap()).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["code"], "models_failed");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("warm-up of ensemble 'fake'"), "{message}");
+    assert!(
+        !message.contains("bus"),
+        "internals stay in the log: {message}"
+    );
+    let info: Value = reqwest::get(s.url("/info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["state"], "failed");
+    let generate = reqwest::Client::new()
+        .post(s.url("/generate"))
+        .json(&json!({"prompt": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(envelope(generate).await.0, 503);
+}

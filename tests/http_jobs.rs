@@ -497,3 +497,80 @@ async fn operator_keys_still_work_with_the_store() {
         404
     );
 }
+
+#[tokio::test]
+async fn the_quota_holds_on_every_route_and_retries_replay_first() {
+    // 100 ms per step: a 20-step job holds its images for about 2 s.
+    let s = start_jobs(100, Duration::from_secs(3600), ApiConfig::default());
+    let k = s.jobs.store.create_key("carol", Some(2)).await.unwrap();
+    let post = |path: &'static str, body: Value| {
+        client()
+            .post(s.server.url(path))
+            .bearer_auth(&k.token)
+            .json(&body)
+            .send()
+    };
+    // Too many images at once, on each route that queues work.
+    for path in ["/generate", "/v1/images/generations", "/v1/jobs"] {
+        let r = post(path, json!({"prompt": "x", "n": 3, "steps": 1}))
+            .await
+            .unwrap();
+        assert_eq!(envelope(r).await.0, 429, "{path}");
+    }
+    // A stored job of 2 images fills the quota ...
+    let send = |body: Value| {
+        client()
+            .post(s.server.url("/v1/jobs"))
+            .bearer_auth(&k.token)
+            .header("idempotency-key", "order-1")
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"prompt": "x", "n": 2, "steps": 20, "guidance_scale": 7}))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    // ... so the synchronous routes refuse more, and so does a new job ...
+    for path in ["/generate", "/v1/images/generations", "/v1/jobs"] {
+        let r = post(path, json!({"prompt": "y", "steps": 1}))
+            .await
+            .unwrap();
+        assert_eq!(envelope(r).await.0, 429, "{path} while the job runs");
+    }
+    // ... but a retry of the same request (7 and 7.0 are the same number) replays it.
+    let again = send(json!({"steps": 20, "prompt": "x", "guidance_scale": 7.0, "n": 2}))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(
+        finished(&s, id, Some(&k.token)).await["status"],
+        "succeeded"
+    );
+    // Done: the quota is free again, and a synchronous request holds its share while it runs.
+    let slow = tokio::spawn(post(
+        "/generate",
+        json!({"prompt": "z", "n": 2, "steps": 20}),
+    ));
+    let t = Instant::now();
+    while s.server.state.in_flight.count(&k.row.id) == 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = post("/v1/jobs", json!({"prompt": "w", "steps": 1}))
+        .await
+        .unwrap();
+    assert_eq!(
+        envelope(r).await.0,
+        429,
+        "a synchronous request holds the quota"
+    );
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(s.server.state.in_flight.count(&k.row.id), 0);
+    let r = post("/generate", json!({"prompt": "w", "steps": 1}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -154,7 +154,7 @@ async fn openai_route_matches_the_native_route() {
 async fn openai_stream_sends_progress_then_completed() {
     let resp = post(
         "/v1/images/generations",
-        json!({"prompt": "a tree", "seed": 5, "steps": 3, "stream": true}),
+        json!({"prompt": "a tree", "seed": 5, "steps": 3, "stream": true, "quality": "high"}),
     )
     .await;
     assert_eq!(resp.status(), 200);
@@ -178,6 +178,8 @@ async fn openai_stream_sends_progress_then_completed() {
     assert_eq!(done.len(), 1, "{events:?}");
     let data: Value = serde_json::from_str(&done[0].data).unwrap();
     assert_eq!(data["type"], "image_generation.completed");
+    assert_eq!(data["quality"], "high", "the asked quality is echoed");
+    assert!(data.get("usage").is_none(), "no made-up token counts");
     assert_eq!(decode_png(&b64(&data["b64_json"])).0, 128);
 }
 
@@ -204,6 +206,18 @@ async fn native_get_stream_reports_steps_and_result() {
         .expect("a result event");
     let body: Value = serde_json::from_str(&result.data).unwrap();
     assert_eq!(body["seeds"], json!([9]));
+    // Query values are strings unless the field is numeric: a prompt of digits is a prompt.
+    let resp = reqwest::get(server().url("/generate/stream?prompt=42&steps=1&seed=1"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = parse_sse(&resp.text().await.unwrap());
+    let result = events
+        .iter()
+        .find(|e| e.event == "result")
+        .expect("a result");
+    let body: Value = serde_json::from_str(&result.data).unwrap();
+    assert_eq!(body["parameters"]["prompt"], "42");
 }
 
 #[tokio::test]

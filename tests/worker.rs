@@ -34,6 +34,7 @@ fn catalog() -> Catalog {
             default_mode: "afa".into(),
             allowed_sizes: vec![],
             created: 0,
+            dtype: "f32".into(),
         }],
         default_ensemble: "fake".into(),
         device: "cpu".into(),
@@ -289,6 +290,22 @@ fn validation_not_ready_and_draining() {
         "in-flight work finishes while draining"
     );
     assert!(w.wait_idle(Duration::from_secs(5)));
+}
+
+#[test]
+fn the_catalog_reports_the_precision_each_ensemble_really_runs_in() {
+    let registry = afa::config::ModelRegistry::load(std::path::Path::new("models.toml")).unwrap();
+    for (override_dtype, name) in [(None, "f32"), (Some(candle_core::DType::F16), "f16")] {
+        let engine =
+            afa::worker::RegistryEngine::load(&registry, &candle_core::Device::Cpu, override_dtype)
+                .unwrap();
+        let catalog = engine.catalog();
+        assert_eq!(catalog.dtype, name);
+        assert!(
+            catalog.ensembles.iter().all(|e| e.dtype == name),
+            "{catalog:?}"
+        );
+    }
 }
 
 #[test]

@@ -108,52 +108,29 @@ pub fn bytes_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiE
     body.map_err(body_error)
 }
 
-/// A query string as a JSON object: each value is a JSON scalar when it parses as one
-/// (`steps=4`, `stream=true`), otherwise a string. Repeated keys are an error.
-pub fn query_to_json(query: &str) -> Result<serde_json::Value, ApiError> {
-    let mut map = serde_json::Map::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode(k)?;
-        let raw = percent_decode(v)?;
-        let value = match serde_json::from_str::<serde_json::Value>(&raw) {
-            Ok(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v,
-            _ => serde_json::Value::String(raw),
-        };
-        if map.insert(key.clone(), value).is_some() {
-            return Err(ApiError::invalid(&key, format!("'{key}' is given twice")));
-        }
-    }
-    Ok(serde_json::Value::Object(map))
-}
-
-fn percent_decode(s: &str) -> Result<String, ApiError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                let b = hex
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| ApiError::Invalid {
-                        message: "malformed percent-encoding in the query string".into(),
-                        param: None,
-                    })?;
-                out.push(b);
-                i += 2;
+/// Parses a query string into `T` with serde (values are strings unless `T`'s field is
+/// numeric or boolean), naming the parameter on failure; repeated parameters are refused.
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let text = err.inner().to_string();
+        for (prefix, what) in [
+            ("unknown field `", "unknown query parameter"),
+            ("missing field `", "missing query parameter"),
+            ("duplicate field `", "repeated query parameter"),
+        ] {
+            if let Some(field) = quoted_after(&text, prefix) {
+                return ApiError::invalid(&field, format!("{what} '{field}'"));
             }
-            b => out.push(b),
         }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| ApiError::Invalid {
-        message: "the query string is not UTF-8".into(),
-        param: None,
+        match (path != "." && !path.is_empty()).then_some(path) {
+            Some(p) => ApiError::invalid(&p, format!("invalid value for '{p}': {text}")),
+            None => ApiError::Invalid {
+                message: format!("invalid query string: {text}"),
+                param: None,
+            },
+        }
     })
 }
 
@@ -198,13 +175,18 @@ mod tests {
     }
 
     #[test]
-    fn query_strings_become_json() {
-        let v = query_to_json("prompt=a+red%20fox&steps=4&stream=true&seed=007x").unwrap();
-        assert_eq!(v["prompt"], "a red fox");
-        assert_eq!(v["steps"], 4);
-        assert_eq!(v["stream"], true);
-        assert_eq!(v["seed"], "007x");
-        assert!(query_to_json("a=1&a=2").is_err());
-        assert!(query_to_json("a=%zz").is_err());
+    fn query_strings_parse_by_field_type() {
+        let r: R = parse_query("prompt=42&steps=4").unwrap();
+        assert_eq!((r.prompt.as_str(), r.steps), ("42", Some(4)));
+        let r: R = parse_query("prompt=a+red%20fox").unwrap();
+        assert_eq!(r.prompt, "a red fox");
+        let param = |q: &str| match parse_query::<R>(q) {
+            Err(ApiError::Invalid { param, .. }) => param,
+            other => panic!("expected 400, got {other:?}"),
+        };
+        assert_eq!(param("prompt=a&steps=007x").as_deref(), Some("steps"));
+        assert_eq!(param("prompt=a&prompt=b").as_deref(), Some("prompt"));
+        assert_eq!(param("prompt=a&stpes=1").as_deref(), Some("stpes"));
+        assert_eq!(param("steps=1").as_deref(), Some("prompt"));
     }
 }

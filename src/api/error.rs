@@ -51,6 +51,10 @@ pub enum ApiError {
     /// 503: models still loading.
     #[error("models are still loading; retry after {}s", retry_secs(*retry_after))]
     NotReady { retry_after: Duration },
+    /// 503: models failed to load or warm up; the server will not turn ready (the reason says
+    /// which stage and ensemble; details are in the log).
+    #[error("not serving: {0}")]
+    Unavailable(String),
     /// 503: shutting down.
     #[error("the server is shutting down; retry on another replica")]
     Draining { retry_after: Duration },
@@ -89,9 +93,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady { .. } | ApiError::Draining { .. } | ApiError::Cancelled => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NotReady { .. }
+            | ApiError::Unavailable(_)
+            | ApiError::Draining { .. }
+            | ApiError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -110,6 +115,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "payload_too_large",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::NotReady { .. } => "not_ready",
+            ApiError::Unavailable(_) => "models_failed",
             ApiError::Draining { .. } => "draining",
             ApiError::Cancelled => "cancelled",
             ApiError::TimedOut(_) => "timeout",
@@ -122,6 +128,7 @@ impl ApiError {
             ApiError::Unauthorized => "authentication_error",
             ApiError::QueueFull { .. } => "rate_limit_error",
             ApiError::NotReady { .. }
+            | ApiError::Unavailable(_)
             | ApiError::Draining { .. }
             | ApiError::Cancelled
             | ApiError::TimedOut(_)

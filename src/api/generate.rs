@@ -13,12 +13,13 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
-use super::body::{bytes_or_error, parse_json, query_to_json};
+use super::body::{bytes_or_error, parse_json, parse_query};
 use super::error::ApiError;
 use super::middleware::{Caller, RequestId};
 use super::openai::{OpenAiImageRequest, to_native};
 use super::output::{native_json, openai_json, server_timing};
-use super::request::{NativeRequest, Validated, validate};
+use super::quota::{QuotaGuard, admit_sync};
+use super::request::{NativeQuery, NativeRequest, Validated, validate};
 use super::stream::{Flavor, sse_response};
 use crate::telemetry::Metrics;
 use crate::worker::{JobEvent, JobOutput, JobTicket};
@@ -71,16 +72,28 @@ impl Drop for DisconnectGuard {
     }
 }
 
-/// Validates and submits; returns the validated request and the ticket.
-fn submit(state: &ApiState, req: &NativeRequest) -> Result<(Validated, JobTicket), ApiError> {
+/// An accepted synchronous job: its ticket, and the caller's quota share it holds until the
+/// request ends.
+pub(super) struct Admitted {
+    pub ticket: JobTicket,
+    pub quota: Option<QuotaGuard>,
+}
+
+/// Validates, checks the caller's quota, and submits.
+async fn submit(
+    state: &ApiState,
+    caller: &Caller,
+    req: &NativeRequest,
+) -> Result<(Validated, Admitted), ApiError> {
     let catalog = state.ready_catalog()?;
     let capacity = state.worker.stats().queue_capacity;
     let validated = validate(req, &catalog, capacity, draw_seed())?;
+    let quota = admit_sync(state, caller, validated.job.images.len()).await?;
     let ticket = state
         .worker
         .submit(validated.job.clone())
         .map_err(ApiError::from_submit)?;
-    Ok((validated, ticket))
+    Ok((validated, Admitted { ticket, quota }))
 }
 
 /// Waits for the job's result, skipping progress events.
@@ -117,59 +130,78 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
 pub async fn native(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
-    let wants_sse = req.stream.unwrap_or(false) || accepts(&headers, "text/event-stream");
-    run_native(state, id, req, wants_sse, accepts(&headers, "image/png")).await
+    let answer = Answer {
+        sse: req.stream.unwrap_or(false) || accepts(&headers, "text/event-stream"),
+        png: accepts(&headers, "image/png"),
+    };
+    run_native(state, (id, caller), req, answer).await
+}
+
+/// How a native request wants its answer.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    sse: bool,
+    png: bool,
 }
 
 /// `POST /generate/stream`: like `/generate`, answered with Server-Sent Events.
 pub async fn native_stream_post(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
-    run_native(state, id, req, true, false).await
+    let answer = Answer {
+        sse: true,
+        png: false,
+    };
+    run_native(state, (id, caller), req, answer).await
 }
 
 /// `GET /generate/stream?prompt=...&steps=...`: the same fields as query parameters.
 pub async fn native_stream_get(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let json = query_to_json(query.as_deref().unwrap_or(""))?;
-    let req: NativeRequest = parse_json(json.to_string().as_bytes())?;
-    run_native(state, id, req, true, false).await
+    let query: NativeQuery = parse_query(query.as_deref().unwrap_or(""))?;
+    let answer = Answer {
+        sse: true,
+        png: false,
+    };
+    run_native(state, (id, caller), NativeRequest::from(query), answer).await
 }
 
 async fn run_native(
     state: ApiState,
-    id: RequestId,
+    (id, caller): (RequestId, Caller),
     req: NativeRequest,
-    sse: bool,
-    png: bool,
+    answer: Answer,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (validated, mut ticket) = submit(&state, &req)?;
-    if sse {
+    let (validated, mut admitted) = submit(&state, &caller, &req).await?;
+    if answer.sse {
         let flavor = Flavor::Native {
             request_id: id.0,
             warnings: Vec::new(),
         };
-        return Ok(sse_response(state, validated, ticket, flavor));
+        return Ok(sse_response(state, validated, admitted, flavor));
     }
     let mut guard = DisconnectGuard::new(state.metrics.clone());
-    let output = wait_output(&mut ticket, &state.metrics).await;
+    let output = wait_output(&mut admitted.ticket, &state.metrics).await;
     guard.finish();
     let output = output?;
     state
         .metrics
         .request_duration("/generate", started.elapsed());
-    if png && validated.job.images.len() == 1 && validated.maps.is_none() {
+    if answer.png && validated.job.images.len() == 1 && validated.maps.is_none() {
         return Ok(png_response(&output));
     }
     let body = render_blocking(move || native_json(&output, &validated, &id.0, &[])).await?;
@@ -219,15 +251,16 @@ pub async fn openai(
     if options.url {
         return openai_url(&state, &caller, &headers, &native, &options.warnings).await;
     }
-    let (validated, mut ticket) = submit(&state, &native)?;
+    let (validated, mut admitted) = submit(&state, &caller, &native).await?;
     if options.stream {
         let flavor = Flavor::OpenAi {
             warnings: options.warnings,
+            quality: options.quality,
         };
-        return Ok(sse_response(state, validated, ticket, flavor));
+        return Ok(sse_response(state, validated, admitted, flavor));
     }
     let mut guard = DisconnectGuard::new(state.metrics.clone());
-    let output = wait_output(&mut ticket, &state.metrics).await;
+    let output = wait_output(&mut admitted.ticket, &state.metrics).await;
     guard.finish();
     let output = output?;
     state

@@ -21,7 +21,7 @@ use super::body::{bytes_or_error, parse_json};
 use super::dispatch::{JobService, resolved_params};
 use super::error::ApiError;
 use super::middleware::Caller;
-use super::request::{NativeRequest, validate};
+use super::request::{NativeRequest, Validated, validate};
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
 
 /// Longest accepted `Idempotency-Key`.
@@ -66,40 +66,48 @@ pub(super) struct Submitted {
     pub created: bool,
 }
 
-/// Validates `req`, applies the caller's limit, and stores a queued job (or finds the one an
-/// idempotency key names). `request_hash` identifies the request for the idempotency check.
+/// The idempotency hash of a request: the validated parameters (so `7` and `7.0`, or fields
+/// in another order, are the same request), with the seed as the client gave it (a drawn seed
+/// differs on every retry).
+fn request_hash(validated: &Validated, req: &NativeRequest) -> String {
+    let mut params = resolved_params(validated, req);
+    params["seed"] = json!(req.seed);
+    sha256_hex(params.to_string().as_bytes())
+}
+
+/// Validates `req`, replays the job an idempotency key already names (before any quota check,
+/// so a retry is never refused), applies the caller's quota, and stores a queued job.
 pub(super) async fn submit_job(
     state: &ApiState,
     caller: &Caller,
     req: &NativeRequest,
-    idempotency: Option<(String, String)>,
+    idempotency_key: Option<String>,
 ) -> Result<Submitted, ApiError> {
     let jobs = service(state)?;
     let catalog = state.ready_catalog()?;
     let capacity = state.worker.stats().queue_capacity;
     let validated = validate(req, &catalog, capacity, super::generate::draw_seed())?;
     let n = validated.job.images.len();
-    let owner = caller.key_id.clone();
-    if let Some(limit) = caller.max_queued_images {
-        let active = jobs
-            .store
-            .active_images(owner.as_deref())
-            .await
-            .map_err(store_error)?;
-        if (active + n) as u64 > limit {
-            return Err(ApiError::QueueFull {
-                retry_after: Duration::from_secs(10),
-            });
-        }
-    }
     let new = NewJob {
         ensemble: validated.job.ensemble.clone(),
         params: resolved_params(&validated, req),
         seeds: validated.job.images.iter().map(|i| i.seed).collect(),
-        owner,
-        idempotency,
+        owner: caller.key_id.clone(),
+        idempotency: idempotency_key.map(|key| (key, request_hash(&validated, req))),
     };
-    match jobs.store.insert_job(&new).await.map_err(store_error)? {
+    let outcome = match jobs
+        .store
+        .find_idempotent(&new)
+        .await
+        .map_err(store_error)?
+    {
+        Some(found) => found,
+        None => {
+            super::quota::check_job(state, caller, n).await?;
+            jobs.store.insert_job(&new).await.map_err(store_error)?
+        }
+    };
+    match outcome {
         Insert::Created(row) => {
             jobs.wake();
             tracing::info!(job = %row.id, images = n, "job queued");
@@ -134,16 +142,7 @@ pub async fn create(
             "jobs do not stream their answer; follow GET /v1/jobs/{id}/events instead",
         ));
     }
-    let idempotency = match idempotency_key(&headers)? {
-        // serde_json maps are sorted: the same fields in any order hash the same.
-        Some(key) => {
-            let canonical: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| ApiError::invalid("body", e.to_string()))?;
-            Some((key, sha256_hex(canonical.to_string().as_bytes())))
-        }
-        None => None,
-    };
-    let submitted = submit_job(&state, &caller, &req, idempotency).await?;
+    let submitted = submit_job(&state, &caller, &req, idempotency_key(&headers)?).await?;
     let jobs = service(&state)?;
     let view = job_view(&state, jobs, &submitted.row).await?;
     let mut r = (StatusCode::ACCEPTED, axum::Json(view)).into_response();

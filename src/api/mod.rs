@@ -13,6 +13,7 @@ pub mod middleware;
 pub mod openai;
 mod ops;
 pub mod output;
+pub mod quota;
 pub mod request;
 mod stream;
 
@@ -96,6 +97,8 @@ pub struct ApiState {
     pub config: Arc<ApiConfig>,
     /// The job store behind `/v1/jobs` and `response_format: "url"` (absent: those answer 404).
     pub jobs: Option<Arc<JobService>>,
+    /// Images of synchronous requests in flight per API key (the quota counts them).
+    pub in_flight: Arc<quota::InFlight>,
 }
 
 impl ApiState {
@@ -105,6 +108,7 @@ impl ApiState {
             metrics: Arc::new(Metrics::default()),
             config: Arc::new(config),
             jobs: None,
+            in_flight: Arc::default(),
         }
     }
 
@@ -120,6 +124,9 @@ impl ApiState {
             return Err(ApiError::Draining {
                 retry_after: Duration::from_secs(5),
             });
+        }
+        if let Some(reason) = self.worker.failure() {
+            return Err(ApiError::Unavailable(reason));
         }
         match self.worker.catalog() {
             Some(c) if self.worker.is_ready() => Ok(c),

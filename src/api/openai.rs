@@ -44,6 +44,8 @@ pub struct OpenAiOptions {
     pub user: Option<String>,
     /// `response_format: "url"`: run as a stored job and answer with links to its images.
     pub url: bool,
+    /// The `quality` the client asked for (echoed in stream events), `auto` when absent.
+    pub quality: String,
 }
 
 const QUALITIES: [&str; 6] = ["auto", "standard", "hd", "low", "medium", "high"];
@@ -115,6 +117,7 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         warnings,
         user: req.user,
         url,
+        quality: req.quality.unwrap_or_else(|| "auto".into()),
     };
     Ok((native, options))
 }

@@ -25,6 +25,8 @@ pub async fn ready(State(state): State<ApiState>) -> Result<axum::Json<Value>, A
 fn state_name(state: &ApiState) -> &'static str {
     if state.worker.is_draining() {
         "draining"
+    } else if state.worker.failure().is_some() {
+        "failed"
     } else if state.worker.is_ready() {
         "ready"
     } else {
@@ -40,6 +42,9 @@ pub async fn info(State(state): State<ApiState>) -> axum::Json<Value> {
         "state": state_name(&state),
         "server": state.config.settings,
     });
+    if let Some(reason) = state.worker.failure() {
+        body["failure"] = json!(reason);
+    }
     if let Some(c) = state.worker.catalog() {
         let l = &c.limits;
         body["device"] = json!(c.device);
@@ -61,6 +66,7 @@ pub async fn info(State(state): State<ApiState>) -> axum::Json<Value> {
                     "note": e.untrained.then_some(
                         "UNTRAINED: these weights are seeded random, so every image is noise; it exists to test the server"),
                     "members": e.members.iter().map(|(n, h)| json!({"name": n, "weight_hash": h})).collect::<Vec<_>>(),
+                    "dtype": e.dtype,
                     "modes": e.modes,
                     "schedulers": e.schedulers,
                     "defaults": {

@@ -37,6 +37,50 @@ pub struct NativeRequest {
     pub stream: Option<bool>,
 }
 
+/// `GET /generate/stream`'s query: the native fields that fit a query string (maps are on or
+/// off). Values are strings unless the field is numeric or boolean.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeQuery {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub model: Option<String>,
+    pub n: Option<u64>,
+    pub width: Option<u64>,
+    pub height: Option<u64>,
+    pub size: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<u64>,
+    pub guidance_scale: Option<f64>,
+    pub scheduler: Option<String>,
+    pub ensemble_mode: Option<String>,
+    pub return_attention_maps: Option<bool>,
+    pub output_format: Option<String>,
+    pub stream: Option<bool>,
+}
+
+impl From<NativeQuery> for NativeRequest {
+    fn from(q: NativeQuery) -> Self {
+        NativeRequest {
+            prompt: q.prompt,
+            negative_prompt: q.negative_prompt,
+            model: q.model,
+            n: q.n,
+            width: q.width,
+            height: q.height,
+            size: q.size,
+            seed: q.seed,
+            steps: q.steps,
+            guidance_scale: q.guidance_scale,
+            scheduler: q.scheduler,
+            ensemble_mode: q.ensemble_mode,
+            return_attention_maps: q.return_attention_maps.map(Value::Bool),
+            output_format: q.output_format,
+            stream: q.stream,
+        }
+    }
+}
+
 /// How attention maps are returned.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MapsOutput {
@@ -326,7 +370,17 @@ fn parse_maps(v: Option<&Value>) -> Result<(MapsRequest, Option<MapsOutput>), Ap
     let formats: Vec<&str> = match obj.get("format") {
         None => vec!["png"],
         Some(Value::String(s)) => vec![s.as_str()],
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str().ok_or_else(|| {
+                    ApiError::invalid(
+                        &format!("{P}.format"),
+                        format!("format entries are strings (png, f32, f16), got {x}"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
         Some(_) => {
             return Err(bad(
                 "format must be \"png\", \"f32\", \"f16\" or a list".into()
@@ -375,6 +429,7 @@ mod tests {
                 default_mode: "afa".into(),
                 allowed_sizes: vec![],
                 created: 0,
+                dtype: "f32".into(),
             }],
             default_ensemble: "tiny".into(),
             device: "cpu".into(),
@@ -472,6 +527,11 @@ mod tests {
                 json!({"prompt": "a", "return_attention_maps": {"x": 1}}),
                 400,
                 "return_attention_maps.x",
+            ),
+            (
+                json!({"prompt": "a", "return_attention_maps": {"format": ["png", 7]}}),
+                400,
+                "return_attention_maps.format",
             ),
             (
                 json!({"prompt": "a", "ensemble_mode": "single:a", "return_attention_maps": true}),

@@ -16,8 +16,9 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use super::error::ApiError;
-use super::generate::{DisconnectGuard, record_timings, render_blocking};
+use super::generate::{Admitted, DisconnectGuard, record_timings, render_blocking};
 use super::output::{native_json, unix_now};
+use super::quota::QuotaGuard;
 use super::request::Validated;
 use crate::worker::{JobEvent, JobOutput, JobTicket};
 
@@ -29,6 +30,8 @@ pub enum Flavor {
     },
     OpenAi {
         warnings: Vec<String>,
+        /// The request's `quality`, echoed.
+        quality: String,
     },
 }
 
@@ -36,6 +39,8 @@ struct Running {
     state: ApiState,
     validated: Validated,
     ticket: JobTicket,
+    /// The caller's quota share, held while the stream runs.
+    _quota: Option<QuotaGuard>,
     flavor: Flavor,
     guard: DisconnectGuard,
     started: Instant,
@@ -50,10 +55,10 @@ fn error_event(e: &ApiError) -> Event {
 }
 
 /// The SSE response for an accepted job.
-pub fn sse_response(
+pub(super) fn sse_response(
     state: ApiState,
     validated: Validated,
-    ticket: JobTicket,
+    admitted: Admitted,
     flavor: Flavor,
 ) -> Response {
     let keep_alive = state.config.keep_alive;
@@ -61,7 +66,8 @@ pub fn sse_response(
         guard: DisconnectGuard::new(state.metrics.clone()),
         state,
         validated,
-        ticket,
+        ticket: admitted.ticket,
+        _quota: admitted.quota,
         flavor,
         started: Instant::now(),
     };
@@ -142,7 +148,7 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
                 Err(e) => vec![error_event(&e)],
             }
         }
-        Flavor::OpenAi { warnings } => {
+        Flavor::OpenAi { warnings, quality } => {
             let size = format!("{}x{}", run.validated.job.width, run.validated.job.height);
             output
                 .images
@@ -154,15 +160,14 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
                         "b64_json": B64.encode(&img.png),
                         "created_at": unix_now(),
                         "size": size,
-                        "quality": "auto",
+                        "quality": quality,
                         "background": "opaque",
                         "output_format": "png",
                         "index": index,
                         "seed": img.seed,
                         "warnings": warnings,
-                        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                  "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
                     });
+                    // No `usage`: a diffusion model counts no tokens, and zeros would lie.
                     event("image_generation.completed", &data)
                 })
                 .collect()

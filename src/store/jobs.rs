@@ -193,7 +193,9 @@ impl JobStore {
         ))
     }
 
-    async fn find_idempotent(&self, job: &NewJob) -> StoreResult<Option<Insert>> {
+    /// The job `job`'s idempotency key already names (`Existing` when the request hash is the
+    /// same, `Conflict` when not), if any.
+    pub async fn find_idempotent(&self, job: &NewJob) -> StoreResult<Option<Insert>> {
         let Some((key, hash)) = &job.idempotency else {
             return Ok(None);
         };

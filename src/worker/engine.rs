@@ -34,6 +34,8 @@ pub struct EnsembleCatalog {
     pub allowed_sizes: Vec<(usize, usize)>,
     /// Unix seconds when it was loaded (`created` of `/v1/models`).
     pub created: u64,
+    /// The precision its weights run in (`f32`, `f16`, `bf16`).
+    pub dtype: String,
 }
 
 /// Everything the server offers.
@@ -128,7 +130,13 @@ fn describe(entry: &EnsembleEntry, loaded: &LoadedEnsemble) -> EnsembleCatalog {
             .filter_map(|s| parse_size(s))
             .collect(),
         created: now_unix(),
+        dtype: dtype_name(loaded.ensemble.members()[0].unet.dtype()),
     }
+}
+
+/// `f32`, `f16`, `bf16`.
+pub fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 impl RegistryEngine {
@@ -168,7 +176,16 @@ impl RegistryEngine {
             } else {
                 "cuda".into()
             },
-            dtype: format!("{:?}", dtype.unwrap_or(DType::F32)).to_lowercase(),
+            dtype: {
+                // The precision every ensemble runs in, or "mixed".
+                let mut all: Vec<&str> = ensembles.iter().map(|(c, _)| c.dtype.as_str()).collect();
+                all.sort_unstable();
+                all.dedup();
+                match all.as_slice() {
+                    [one] => one.to_string(),
+                    _ => "mixed".into(),
+                }
+            },
             limits: Limits::default(),
         };
         Ok(Self {

@@ -95,6 +95,8 @@ struct Shared {
     idle: Condvar,
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Why the worker will never turn ready (loading or warm-up failed).
+    failure: Mutex<Option<String>>,
     next_id: AtomicU64,
     config: WorkerConfig,
 }
@@ -115,7 +117,8 @@ pub struct WorkerHandle {
 pub type EngineLoader = Box<dyn FnOnce() -> Result<Box<dyn Engine>, String> + Send>;
 
 /// Spawns the executor thread; `load` runs on it, then a warm-up batch per ensemble, then the
-/// worker turns ready. A failed load is logged and leaves the worker not ready.
+/// worker turns ready. A failed load or warm-up is logged and leaves the worker not ready, with
+/// the reason in `failure()`.
 pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -133,6 +136,7 @@ pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
         idle: Condvar::new(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        failure: Mutex::new(None),
         next_id: AtomicU64::new(1),
         config,
     });
@@ -223,6 +227,15 @@ impl WorkerHandle {
         self.shared.ready.load(Ordering::SeqCst) && !self.is_draining()
     }
 
+    /// Why the worker will never turn ready (models failed to load or to warm up).
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Shutting down: no new work is admitted.
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(Ordering::SeqCst)
@@ -277,16 +290,22 @@ impl WorkerHandle {
 
 /// The executor thread: load, warm up, then run batches until shut down.
 fn executor(shared: Arc<Shared>, load: EngineLoader) {
+    let fail = |public: String, detail: String| {
+        tracing::error!("{public}: {detail}");
+        eprintln!("error: {public}: {detail}");
+        *shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(public);
+    };
     let mut engine = match load() {
         Ok(e) => e,
-        Err(e) => {
-            tracing::error!("loading models failed: {e}");
-            eprintln!("error: loading models failed: {e}");
-            return;
-        }
+        Err(e) => return fail("loading models failed (see the server log)".into(), e),
     };
     let catalog = Arc::new(engine.catalog());
-    warm_up(engine.as_mut(), &catalog);
+    if let Err((ensemble, e)) = warm_up(engine.as_mut(), &catalog) {
+        return fail(
+            format!("the warm-up of ensemble '{ensemble}' failed (see the server log)"),
+            e.to_string(),
+        );
+    }
     shared.lock().catalog = Some(catalog);
     shared.ready.store(true, Ordering::SeqCst);
     tracing::info!("models loaded; ready");
@@ -295,8 +314,9 @@ fn executor(shared: Arc<Shared>, load: EngineLoader) {
     }
 }
 
-/// One tiny generation per ensemble, so the first request does not pay for lazy set-up.
-fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) {
+/// One tiny generation per ensemble, so the first request does not pay for lazy set-up and an
+/// ensemble that cannot generate is found before the server turns ready.
+fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) -> Result<(), (String, JobError)> {
     for e in &catalog.ensembles {
         let min = catalog.limits.min_side;
         let key = super::BatchKey {
@@ -318,10 +338,11 @@ fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) {
             seed: 0,
             guidance_scale: 1.0,
         };
-        if let Err(e) = engine.run(&key, &[image], &mut ()) {
-            tracing::warn!("warm-up of {} failed: {e}", key.ensemble);
-        }
+        engine
+            .run(&key, &[image], &mut ())
+            .map_err(|e| (key.ensemble.clone(), e))?;
     }
+    Ok(())
 }
 
 /// Waits for work, then takes a batch (waiting up to `batch_wait` for more compatible images).

@@ -99,6 +99,8 @@ pub struct FakeControl {
     pub batches: Mutex<Vec<usize>>,
     /// While false, loading blocks.
     pub release_load: AtomicBool,
+    /// While true, every batch fails (the engine is broken).
+    pub fail_runs: AtomicBool,
 }
 
 impl FakeControl {
@@ -135,6 +137,7 @@ pub fn fake_catalog() -> Catalog {
             default_mode: "afa".into(),
             allowed_sizes: vec![],
             created: 1,
+            dtype: "f32".into(),
         }],
         default_ensemble: "fake".into(),
         device: "cpu".into(),
@@ -155,6 +158,9 @@ impl Engine for FakeEngine {
         observer: &mut dyn Observer,
     ) -> Result<BatchOutcome, JobError> {
         let c = &self.control;
+        if c.fail_runs.load(Ordering::SeqCst) {
+            return Err(JobError::Failed("the device fell off the bus".into()));
+        }
         c.batches.lock().unwrap().push(images.len());
         c.started_images.fetch_add(images.len(), Ordering::SeqCst);
         let mut alive = vec![true; images.len()];
