@@ -180,6 +180,14 @@ async fn submit_poll_and_fetch_images() {
         );
         assert_eq!(img["seed"], 40 + k as u64);
     }
+    // The async job shows in the queue-wait and stage histograms like a synchronous one.
+    let metrics = get(&s, "/metrics", None).await.text().await.unwrap();
+    for line in [
+        "afa_queue_wait_seconds_count 1",
+        "afa_stage_seconds_count{stage=\"denoise\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
     let r = get(&s, &format!("/v1/jobs/{id}/images/2"), None).await;
     assert_eq!(envelope(r).await.0, 404);
     let r = get(&s, "/v1/jobs/job_000000000000000000000000", None).await;

@@ -11,10 +11,12 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use super::ApiState;
+use super::error::ApiError;
 use super::output::{render_maps, timings_json};
 use super::request::{MapsOutput, NativeRequest, Validated, validate};
 use crate::pipeline::maps::legend_text;
 use crate::store::{ArtifactFile, Artifacts, JobRow, JobStore, now_ms};
+use crate::telemetry::Metrics;
 use crate::worker::{JobError, JobEvent, JobOutput, JobTicket, SubmitError};
 
 /// Settings of the job service.
@@ -198,7 +200,7 @@ pub async fn run_dispatcher(state: ApiState, jobs: Arc<JobService>, stop: watch:
             }
         };
         match state.worker.submit(validated.job.clone()) {
-            Ok(ticket) => dispatched(&jobs, row, ticket, validated).await,
+            Ok(ticket) => dispatched(&jobs, &state.metrics, row, (ticket, validated)).await,
             Err(SubmitError::QueueFull { .. }) => wait_freed(&jobs).await,
             Err(SubmitError::NotReady { .. } | SubmitError::Draining { .. }) => pause(200).await,
             Err(e) => record(jobs.store.fail(&row.id, &e.to_string()).await, &row.id),
@@ -220,7 +222,12 @@ fn record(result: crate::store::StoreResult<bool>, id: &str) {
 }
 
 /// Marks the row running and starts its follower (or drops the ticket when it was cancelled).
-async fn dispatched(jobs: &Arc<JobService>, row: JobRow, ticket: JobTicket, v: Validated) {
+async fn dispatched(
+    jobs: &Arc<JobService>,
+    metrics: &Arc<Metrics>,
+    row: JobRow,
+    (ticket, v): (JobTicket, Validated),
+) {
     match jobs.store.mark_running(&row.id).await {
         Ok(true) => {}
         Ok(false) => return, // cancelled between reading and dispatching: the ticket drops
@@ -235,10 +242,11 @@ async fn dispatched(jobs: &Arc<JobService>, row: JobRow, ticket: JobTicket, v: V
         .fetch_add(row.images, Ordering::SeqCst);
     tracing::info!(job = %row.id, attempt = row.attempts + 1, "job dispatched");
     let jobs = jobs.clone();
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         let images = row.images;
         let id = row.id.clone();
-        follow(&jobs, row, ticket, v, cancel).await;
+        follow(&jobs, &metrics, row, (ticket, v), cancel).await;
         jobs.live_map().remove(&id);
         jobs.in_flight_images.fetch_sub(images, Ordering::SeqCst);
         jobs.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -249,9 +257,9 @@ async fn dispatched(jobs: &Arc<JobService>, row: JobRow, ticket: JobTicket, v: V
 /// Follows one dispatched job to its end and records the outcome.
 async fn follow(
     jobs: &JobService,
+    metrics: &Metrics,
     row: JobRow,
-    mut ticket: JobTicket,
-    v: Validated,
+    (mut ticket, v): (JobTicket, Validated),
     cancel: Arc<Notify>,
 ) {
     let id = row.id.clone();
@@ -273,6 +281,7 @@ async fn follow(
                 l.total = total;
             }),
             Some(JobEvent::Finished(Ok(output))) => {
+                super::generate::record_timings(metrics, &output);
                 store_output(jobs, &id, output, (v.maps, v.job.width)).await;
                 return;
             }
@@ -298,11 +307,6 @@ async fn job_failed(jobs: &JobService, row: &JobRow, e: JobError) {
     let attempt = row.attempts + 1;
     let id = &row.id;
     let result = match e {
-        JobError::Cancelled => {
-            jobs.store
-                .requeue(id, Some("cancelled by the server; run again"))
-                .await
-        }
         JobError::Failed(detail) if attempt < jobs.config.max_attempts => {
             tracing::warn!(job = %id, attempt, "job failed, will retry: {detail}");
             let r = jobs
@@ -332,13 +336,17 @@ async fn store_output(
     let artifacts = jobs.artifacts.clone();
     let job_id = id.to_string();
     let timings = timings_json(&output.timings);
-    let written = tokio::task::spawn_blocking(move || {
-        let files = artifact_files(&output, maps.as_ref(), width)?;
-        artifacts.write(&job_id, &files).map_err(|e| e.to_string())
+    let written = super::output::render_blocking(move || {
+        let files = artifact_files(&output, maps.as_ref(), width).map_err(ApiError::Internal)?;
+        artifacts
+            .write(&job_id, &files)
+            .map_err(|e| ApiError::Internal(e.to_string()))
     })
     .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r);
+    .map_err(|e| match e {
+        ApiError::Internal(detail) => detail,
+        other => other.to_string(),
+    });
     let rows = match written {
         Ok(rows) => rows,
         Err(e) => {

@@ -191,7 +191,6 @@ impl ApiError {
             JobError::Invalid { field, reason } => {
                 ApiError::invalid(&field, format!("invalid {field}: {reason}"))
             }
-            JobError::Cancelled => ApiError::Cancelled,
             JobError::TimedOut(d) => ApiError::TimedOut(d),
             JobError::Failed(m) => ApiError::Internal(m),
         }

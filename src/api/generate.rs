@@ -17,7 +17,7 @@ use super::body::{bytes_or_error, parse_json, parse_query};
 use super::error::ApiError;
 use super::middleware::{Caller, RequestId};
 use super::openai::{OpenAiImageRequest, to_native};
-use super::output::{native_json, openai_json, server_timing};
+use super::output::{native_json, openai_json, render_blocking, server_timing};
 use super::quota::{QuotaGuard, admit_sync};
 use super::request::{NativeQuery, NativeRequest, Validated, validate};
 use super::stream::{Flavor, sse_response};
@@ -206,16 +206,6 @@ async fn run_native(
     }
     let body = render_blocking(move || native_json(&output, &validated, &id.0, &[])).await?;
     Ok(axum::Json(body).into_response())
-}
-
-/// Runs response rendering (base64, heat maps) off the async runtime.
-pub(super) async fn render_blocking<F>(f: F) -> Result<serde_json::Value, ApiError>
-where
-    F: FnOnce() -> Result<serde_json::Value, ApiError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("rendering the response: {e}")))?
 }
 
 /// The bare PNG answer, with seed, timings and warnings as headers.

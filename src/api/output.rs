@@ -1,6 +1,7 @@
 //! Turning a finished job into response bodies: the native JSON (base64 PNGs, seeds, timings,
 //! warnings, attention maps as PNG heat maps and/or raw arrays), the OpenAI JSON, and the
-//! headers of a bare-PNG answer. Map rendering is CPU work: callers run it off the runtime.
+//! headers of a bare-PNG answer. Rendering is CPU work: it runs on the bounded encode stage
+//! (`render_blocking`), never on the runtime's worker threads.
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use candle_core::{Device, Tensor};
@@ -13,6 +14,27 @@ use crate::worker::{ImageMap, JobOutput, JobTimings};
 
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Response renderings (base64, heat maps, map bundles) running at once. One: the encode
+/// stage takes at most one core from the executor, which owns the others during a batch.
+const ENCODE_THREADS: usize = 1;
+static ENCODE_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ENCODE_THREADS);
+
+/// Runs `f` (response rendering: base64, heat maps, artifact files) on the bounded encode
+/// stage, off the async runtime's worker threads.
+pub(super) async fn render_blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    let _permit = ENCODE_PERMITS
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(format!("the encode stage is closed: {e}")))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("rendering the response: {e}")))?
 }
 
 /// Per-stage timings in milliseconds.

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use super::error::ApiError;
-use super::generate::{Admitted, DisconnectGuard, record_timings, render_blocking};
+use super::generate::{Admitted, DisconnectGuard, record_timings};
+use super::output::render_blocking;
 use super::output::{native_json, unix_now};
 use super::quota::QuotaGuard;
 use super::request::Validated;
@@ -150,27 +151,37 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
         }
         Flavor::OpenAi { warnings, quality } => {
             let size = format!("{}x{}", run.validated.job.width, run.validated.job.height);
-            output
-                .images
-                .iter()
-                .enumerate()
-                .map(|(index, img)| {
-                    let data = json!({
-                        "type": "image_generation.completed",
-                        "b64_json": B64.encode(&img.png),
-                        "created_at": unix_now(),
-                        "size": size,
-                        "quality": quality,
-                        "background": "opaque",
-                        "output_format": "png",
-                        "index": index,
-                        "seed": img.seed,
-                        "warnings": warnings,
-                    });
-                    // No `usage`: a diffusion model counts no tokens, and zeros would lie.
-                    event("image_generation.completed", &data)
-                })
-                .collect()
+            let (warnings, quality) = (warnings.clone(), quality.clone());
+            let rendered = render_blocking(move || {
+                Ok(output
+                    .images
+                    .iter()
+                    .enumerate()
+                    .map(|(index, img)| {
+                        json!({
+                            "type": "image_generation.completed",
+                            "b64_json": B64.encode(&img.png),
+                            "created_at": unix_now(),
+                            "size": size,
+                            "quality": quality,
+                            "background": "opaque",
+                            "output_format": "png",
+                            "index": index,
+                            "seed": img.seed,
+                            "warnings": warnings,
+                        })
+                        // No `usage`: a diffusion model counts no tokens, and zeros would lie.
+                    })
+                    .collect::<Vec<Value>>())
+            })
+            .await;
+            match rendered {
+                Ok(events) => events
+                    .iter()
+                    .map(|data| event("image_generation.completed", data))
+                    .collect(),
+                Err(e) => vec![error_event(&e)],
+            }
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct ModeReport {
     pub correct: [usize; 4],
     pub images: usize,
     /// `routing[shape][point][member]`: mean expert weight (AFA and mean only).
-    pub routing: Option<Vec<Vec<Vec<f64>>>>,
+    pub routing: Option<Routing>,
 }
 
 impl ModeReport {
@@ -87,6 +87,9 @@ pub struct EvalReport {
 }
 
 type Result<T> = anyhow::Result<T>;
+
+/// `routing[shape][point][member]`: mean expert weight.
+pub type Routing = Vec<Vec<Vec<f64>>>;
 
 /// `[B, 3, 64, 64]` in [-1, 1] from 8-bit pictures.
 fn pixels(images: &[RgbImage], device: &Device) -> Result<Tensor> {
@@ -222,7 +225,7 @@ fn alignment(
     mode: &EnsembleMode,
     opts: &EvalOptions,
     device: &Device,
-) -> Result<(Tally, Option<Vec<Vec<Vec<f64>>>>)> {
+) -> Result<(Tally, Option<Routing>)> {
     let pipeline = SdPipeline {
         tokenizer: loaded.tokenizer.clone(),
         denoiser: loaded.ensemble.denoiser(mode)?,

@@ -134,7 +134,7 @@ fn classify_shape(mask: &[bool], w: usize) -> Option<Shape> {
     let top_width = mean_width(&widths[..quarter]);
     let bottom_width = mean_width(&widths[bh - quarter..]);
     let ratio = top_width / bottom_width.max(1e-6);
-    let symmetric = ratio >= SYMMETRIC_RATIO && ratio <= 1.0 / SYMMETRIC_RATIO;
+    let symmetric = (SYMMETRIC_RATIO..=1.0 / SYMMETRIC_RATIO).contains(&ratio);
     if ratio <= TRIANGLE_TOP_RATIO {
         (fill < FILL_TRIANGLE_MAX).then_some(Shape::Triangle)
     } else if fill < FILL_CIRCLE_MIN {

@@ -94,8 +94,6 @@ pub enum JobError {
     /// The request was wrong in a way only the engine could see (names the field).
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
-    #[error("cancelled")]
-    Cancelled,
     #[error("timed out after {0:?}")]
     TimedOut(Duration),
     /// The engine failed (the message is for logs; clients get a generic 500).
