@@ -374,7 +374,8 @@ class JobCard {
       this.progress, this.text, this.preview);
     const jobs = $('jobs');
     jobs.querySelector('.empty')?.remove();
-    for (const old of [...jobs.querySelectorAll('.job[data-done]')].slice(0, -3)) old.remove();
+    // Newest first: keep the three latest finished cards.
+    for (const old of [...jobs.querySelectorAll('.job[data-done]')].slice(3)) old.remove();
     jobs.prepend(this.root);
     this.onCancel = null;
   }
@@ -538,7 +539,7 @@ function galleryItem(item) {
   const dl = el('a', { href: item.url, download: name, class: 'button', text: 'Download PNG' });
   const send = el('button', { type: 'button', text: 'Send to prompt', onclick: () => sendToPrompt(p) });
   const explore = item.mapsUrl
-    ? el('button', { type: 'button', class: 'explore', text: 'Explore maps', onclick: () => state.explorer.open(item) })
+    ? el('button', { type: 'button', class: 'explore', text: 'Explore maps', onclick: (ev) => { item.button = ev.currentTarget; state.explorer.open(item); } })
     : null;
   const facts = el('dl', { class: 'facts' },
     el('dt', { text: 'seed' }), el('dd', { class: 'seed', text: String(item.seed) }),

@@ -153,7 +153,7 @@ export class Explorer {
     svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
     svg.setAttribute('role', 'radiogroup');
     svg.setAttribute('aria-label', 'aggregation points of the UNet (down, mid, up); arrow keys move');
-    svg.style.minWidth = `${Math.min(W, 16 * pts.length + 80)}px`;
+    svg.style.minWidth = `${Math.round(Math.min(W, 26 * pts.length + 60))}px`; // taps need room: scroll sideways on phones
     const xy = (i) => [left + dx * i, top + dy * res.indexOf(pts[i].h)];
     for (const [k, h] of res.entries()) {
       const t = document.createElementNS(SVG, 'text');
@@ -254,7 +254,8 @@ export class Explorer {
     const v = this.values();
     if (!p || !v) return;
     const total = Math.max(...this.points.map((q) => q.steps.size));
-    $('step-out').textContent = this.step === 0 ? `mean of all ${total || ''} steps`.replace('  ', ' ') : `step ${this.step} of ${total}`;
+    const mean = total ? `mean of all ${total} steps` : 'mean over steps';
+    $('step-out').textContent = this.step === 0 ? mean : `step ${this.step} of ${total}`;
     const { n, h, w } = p;
     const small = document.createElement('canvas');
     small.width = w;
