@@ -19,4 +19,5 @@ pub mod schedulers;
 pub mod store;
 pub mod telemetry;
 pub mod trainer;
+pub mod web;
 pub mod worker;

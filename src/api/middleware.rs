@@ -13,7 +13,7 @@ use super::{ApiState, GENERATION_ROUTES};
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Routes open without a key (probes and scraping).
+/// Routes open without a key (probes and scraping; the playground's files are open too).
 const OPEN_ROUTES: [&str; 3] = ["/health", "/ready", "/metrics"];
 
 fn acceptable_id(v: &HeaderValue) -> Option<String> {
@@ -104,7 +104,8 @@ fn unauthorized() -> Response {
 /// Requires `Authorization: Bearer <key>` when keys are configured (`--api-key`) or exist in
 /// the job store; records the [`Caller`].
 pub async fn auth(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
-    if OPEN_ROUTES.contains(&req.uri().path()) {
+    let path = req.uri().path();
+    if OPEN_ROUTES.contains(&path) || super::ui::is_page_path(path) {
         return next.run(req).await;
     }
     let keys = &state.config.api_keys;

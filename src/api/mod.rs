@@ -2,8 +2,8 @@
 //! `/generate/stream`), the OpenAI-compatible routes (`/v1/images/generations`, `/v1/models`),
 //! operations (`/health`, `/ready`, `/info`, `/metrics`), the store-backed async jobs
 //! (`/v1/jobs`, with the dispatcher that feeds them to the worker), and the middleware every
-//! route shares: `x-request-id`, bearer auth, body limit, metrics. Every failure is an
-//! [`ApiError`].
+//! route shares: `x-request-id`, bearer auth, body limit, metrics; and the playground page
+//! (`/`, `/ui/...`, files embedded from `web`). Every failure is an [`ApiError`].
 pub mod body;
 pub mod dispatch;
 pub mod error;
@@ -16,6 +16,7 @@ pub mod output;
 pub mod quota;
 pub mod request;
 mod stream;
+mod ui;
 
 use std::fmt;
 use std::sync::Arc;
@@ -149,6 +150,8 @@ const GENERATION_ROUTES: [&str; 4] = [
 pub fn router(state: ApiState) -> Router {
     let max_body = state.config.max_body_bytes;
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/{*name}", get(ui::asset))
         .route("/generate", post(generate::native))
         .route(
             "/generate/stream",
