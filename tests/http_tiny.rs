@@ -248,6 +248,44 @@ async fn attention_maps_come_as_heat_maps_and_arrays() {
         );
         assert_eq!(&b64(&m["heatmap_png_base64"])[1..4], b"PNG");
     }
+    // Only the asked-for points come back, every step of them.
+    let resp = post(
+        "/generate",
+        json!({"prompt": "a cat", "steps": 3, "seed": 3,
+               "return_attention_maps": {"steps": "all", "blocks": [3, 24], "format": "f16"}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let maps = body["images"][0]["attention_maps"].as_array().unwrap();
+    let mut seen: Vec<(u64, u64)> = maps
+        .iter()
+        .map(|m| (m["point"].as_u64().unwrap(), m["step"].as_u64().unwrap()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![(3, 0), (3, 1), (3, 2), (24, 0), (24, 1), (24, 2)]
+    );
+    // The largest request every other limit admits, with every map: refused at once.
+    let resp = post(
+        "/generate",
+        json!({"prompt": "a", "n": 16, "steps": 500, "size": "1024x1024",
+               "return_attention_maps": {"steps": "all", "format": ["png", "f32", "f16"]}}),
+    )
+    .await;
+    let (status, param, _) = envelope(resp).await;
+    assert_eq!(
+        (status, param.as_deref()),
+        (413, Some("return_attention_maps"))
+    );
+    let info: Value = reqwest::get(server().url("/info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["limits"]["max_attention_map_bytes"], 64 << 20);
 }
 
 #[tokio::test]

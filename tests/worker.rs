@@ -35,6 +35,9 @@ fn catalog() -> Catalog {
             allowed_sizes: vec![],
             created: 0,
             dtype: "f32".into(),
+            map_downscales: vec![
+                1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1,
+            ],
         }],
         default_ensemble: "fake".into(),
         device: "cpu".into(),
@@ -337,7 +340,7 @@ fn the_registry_engine_serves_the_committed_tiny_ensemble() {
     j.width = 128;
     j.height = 128;
     j.steps = 2;
-    j.attention_maps = MapsRequest::Averaged;
+    j.attention_maps = MapsRequest::Averaged(afa::pipeline::MapPoints::ALL);
     let out = finish(handle.submit(j.clone()).unwrap()).unwrap();
     assert_eq!(out.images.len(), 2);
     assert_eq!(

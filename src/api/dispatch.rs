@@ -282,7 +282,7 @@ async fn follow(
             }),
             Some(JobEvent::Finished(Ok(output))) => {
                 super::generate::record_timings(metrics, &output);
-                store_output(jobs, &id, output, (v.maps, v.job.width)).await;
+                store_output(jobs, &id, output, v.maps).await;
                 return;
             }
             Some(JobEvent::Finished(Err(e))) => {
@@ -327,17 +327,12 @@ async fn job_failed(jobs: &JobService, row: &JobRow, e: JobError) {
 }
 
 /// Writes the images (and map bundles) to disk and marks the job succeeded.
-async fn store_output(
-    jobs: &JobService,
-    id: &str,
-    output: JobOutput,
-    (maps, width): (Option<MapsOutput>, usize),
-) {
+async fn store_output(jobs: &JobService, id: &str, output: JobOutput, maps: Option<MapsOutput>) {
     let artifacts = jobs.artifacts.clone();
     let job_id = id.to_string();
     let timings = timings_json(&output.timings);
     let written = super::output::render_blocking(move || {
-        let files = artifact_files(&output, maps.as_ref(), width).map_err(ApiError::Internal)?;
+        let files = artifact_files(&output, maps.as_ref()).map_err(ApiError::Internal)?;
         artifacts
             .write(&job_id, &files)
             .map_err(|e| ApiError::Internal(e.to_string()))
@@ -376,7 +371,6 @@ async fn store_output(
 fn artifact_files(
     output: &JobOutput,
     maps: Option<&MapsOutput>,
-    width: usize,
 ) -> Result<Vec<ArtifactFile>, String> {
     let legend = legend_text(&output.experts);
     let mut files = Vec::new();
@@ -387,7 +381,7 @@ fn artifact_files(
             bytes: img.png.clone(),
         });
         if let (Some(opts), Some(m)) = (maps, &img.attention_maps) {
-            let rendered = render_maps(m, opts, width, &legend).map_err(|e| e.to_string())?;
+            let rendered = render_maps(m, opts, &legend).map_err(|e| e.to_string())?;
             let bundle = json!({
                 "index": index,
                 "seed": img.seed,

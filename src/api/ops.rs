@@ -54,6 +54,7 @@ pub async fn info(State(state): State<ApiState>) -> axum::Json<Value> {
             "min_side": l.min_side, "max_side": l.max_side, "max_pixels": l.max_pixels,
             "max_steps": l.max_steps, "max_guidance": l.max_guidance, "max_n": l.max_batch,
             "max_prompt_bytes": l.max_prompt_bytes, "max_body_bytes": state.config.max_body_bytes,
+            "max_attention_map_bytes": l.max_map_bytes,
         });
         let ensembles: Vec<Value> = c
             .ensembles

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::request::{MapsOutput, Validated};
-use crate::pipeline::maps::{heatmap_png, legend_text};
+use crate::pipeline::maps::{heatmap_png, heatmap_scale, legend_text};
 use crate::worker::{ImageMap, JobOutput, JobTimings};
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -113,7 +113,7 @@ pub fn native_json(
                 "warnings": img.warnings,
             });
             if let (Some(opts), Some(maps)) = (&v.maps, &img.attention_maps) {
-                o["attention_maps"] = Value::Array(render_maps(maps, opts, v.job.width, &legend)?);
+                o["attention_maps"] = Value::Array(render_maps(maps, opts, &legend)?);
             }
             Ok(o)
         })
@@ -153,7 +153,6 @@ pub fn openai_json(output: &JobOutput, v: &Validated, extra_warnings: &[String])
 pub(super) fn render_maps(
     maps: &[ImageMap],
     opts: &MapsOutput,
-    width: usize,
     legend: &str,
 ) -> Result<Vec<Value>, ApiError> {
     let internal = |e: String| ApiError::Internal(format!("rendering attention maps: {e}"));
@@ -164,7 +163,7 @@ pub(super) fn render_maps(
             if opts.png {
                 let t = Tensor::from_vec(m.values.clone(), m.shape.to_vec(), &Device::Cpu)
                     .map_err(|e| internal(e.to_string()))?;
-                let scale = (width / m.shape[2].max(1)).max(1);
+                let scale = heatmap_scale(m.shape[2]);
                 let png = heatmap_png(&t, scale, legend).map_err(|e| internal(e.to_string()))?;
                 o["heatmap_png_base64"] = Value::String(B64.encode(png));
             }
@@ -212,7 +211,7 @@ mod tests {
             f32: true,
             f16: true,
         };
-        let out = render_maps(std::slice::from_ref(&map), &opts, 16, "a, b").unwrap();
+        let out = render_maps(std::slice::from_ref(&map), &opts, "a, b").unwrap();
         assert_eq!(out[0]["shape"], json!([2, 2, 2]));
         let png = B64
             .decode(out[0]["heatmap_png_base64"].as_str().unwrap())
@@ -234,7 +233,7 @@ mod tests {
             blocks: Some(vec![1]),
             ..opts
         };
-        assert!(render_maps(&[map], &only, 16, "").unwrap().is_empty());
+        assert!(render_maps(&[map], &only, "").unwrap().is_empty());
     }
 
     #[test]

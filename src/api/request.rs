@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::config::parse_size;
 use crate::ensemble::EnsembleMode;
-use crate::pipeline::{ImageSpec, MapsRequest};
+use crate::pipeline::{ImageSpec, MapPoints, MapsRequest};
 use crate::schedulers::SchedulerKind;
 use crate::worker::{Catalog, EnsembleCatalog, GenerationJob};
 
@@ -151,7 +151,7 @@ pub fn validate(
             format!("output_format '{f}' is not supported; only 'png'"),
         ));
     }
-    let (attention_maps, maps) = parse_maps(req.return_attention_maps.as_ref())?;
+    let (attention_maps, maps) = parse_maps(req.return_attention_maps.as_ref(), entry)?;
     if maps.is_some() && !mode_has_maps(&mode) {
         return Err(ApiError::invalid(
             "return_attention_maps",
@@ -159,6 +159,20 @@ pub fn validate(
                 "ensemble_mode '{mode}' has no aggregators, so no attention maps; use 'afa' or 'mean'"
             ),
         ));
+    }
+    if let Some(out) = &maps {
+        let bytes = map_bytes(entry, (width, height, steps as usize), attention_maps, out) * n;
+        if bytes > limits.max_map_bytes as u64 {
+            return Err(ApiError::TooLarge {
+                message: format!(
+                    "these attention maps would take about {} MiB; the budget is {} MiB per request \
+                     (ask for fewer steps, points, formats or images)",
+                    bytes.div_ceil(1 << 20),
+                    limits.max_map_bytes >> 20
+                ),
+                param: Some("return_attention_maps".into()),
+            });
+        }
     }
     let seed = req.seed.unwrap_or(drawn_seed);
     let images = (0..n)
@@ -318,8 +332,50 @@ fn parse_mode(s: Option<&str>, entry: &EnsembleCatalog) -> Result<EnsembleMode, 
     }
 }
 
+/// Bytes one image's maps take: their f32 values while the job runs, plus each asked-for
+/// encoding after base64 (heat maps counted as raw RGB, an upper bound of the PNG).
+fn map_bytes(
+    entry: &EnsembleCatalog,
+    (width, height, steps): (usize, usize, usize),
+    request: MapsRequest,
+    out: &MapsOutput,
+) -> u64 {
+    let Some(points) = request.points() else {
+        return 0;
+    };
+    let copies = match request {
+        MapsRequest::PerStep(_) => steps as u64,
+        _ => 1,
+    };
+    let experts = entry.members.len() as u64;
+    let (lh, lw) = (height.div_ceil(8), width.div_ceil(8));
+    let base64 = |b: u64| b.div_ceil(3) * 4;
+    let mut per_copy = 0u64;
+    for k in points.among(entry.map_downscales.len()) {
+        let ds = entry.map_downscales[k].max(1);
+        let (h, w) = (lh.div_ceil(ds), lw.div_ceil(ds));
+        let values = experts * (h * w) as u64;
+        per_copy += 4 * values;
+        if out.f32 {
+            per_copy += base64(4 * values);
+        }
+        if out.f16 {
+            per_copy += base64(2 * values);
+        }
+        if out.png {
+            let scale = crate::pipeline::maps::heatmap_scale(w);
+            per_copy += base64((h * scale * w * scale * 3) as u64);
+        }
+    }
+    per_copy * copies
+}
+
 /// `return_attention_maps`: false/null (none), true (averaged, PNG heat maps), or an object.
-fn parse_maps(v: Option<&Value>) -> Result<(MapsRequest, Option<MapsOutput>), ApiError> {
+/// `blocks` must name aggregation points of `entry`.
+fn parse_maps(
+    v: Option<&Value>,
+    entry: &EnsembleCatalog,
+) -> Result<(MapsRequest, Option<MapsOutput>), ApiError> {
     const P: &str = "return_attention_maps";
     let bad = |m: String| ApiError::invalid(P, m);
     let obj = match v {
@@ -329,7 +385,7 @@ fn parse_maps(v: Option<&Value>) -> Result<(MapsRequest, Option<MapsOutput>), Ap
                 png: true,
                 ..Default::default()
             };
-            return Ok((MapsRequest::Averaged, Some(out)));
+            return Ok((MapsRequest::Averaged(MapPoints::ALL), Some(out)));
         }
         Some(Value::Object(o)) => o,
         Some(other) => {
@@ -347,10 +403,10 @@ fn parse_maps(v: Option<&Value>) -> Result<(MapsRequest, Option<MapsOutput>), Ap
             format!("unknown field '{P}.{k}' (expected steps, blocks, format)"),
         ));
     }
-    let request = match obj.get("steps").and_then(Value::as_str) {
-        None if obj.get("steps").is_none() => MapsRequest::Averaged,
-        Some("mean") => MapsRequest::Averaged,
-        Some("all") => MapsRequest::PerStep,
+    let per_step = match obj.get("steps").and_then(Value::as_str) {
+        None if obj.get("steps").is_none() => false,
+        Some("mean") => false,
+        Some("all") => true,
         _ => return Err(bad("steps must be \"mean\" or \"all\"".into())),
     };
     let blocks = match obj.get("blocks") {
@@ -386,6 +442,28 @@ fn parse_maps(v: Option<&Value>) -> Result<(MapsRequest, Option<MapsOutput>), Ap
                 "format must be \"png\", \"f32\", \"f16\" or a list".into()
             ));
         }
+    };
+    let total = entry.map_downscales.len();
+    let points = match &blocks {
+        None => MapPoints::ALL,
+        Some(list) => {
+            if let Some(k) = list.iter().find(|&&k| k >= total) {
+                return Err(ApiError::invalid(
+                    &format!("{P}.blocks"),
+                    format!(
+                        "block {k} does not exist: {} has aggregation points 0..={}",
+                        entry.name,
+                        total.saturating_sub(1)
+                    ),
+                ));
+            }
+            MapPoints::only(list).ok_or_else(|| bad("too many aggregation points".into()))?
+        }
+    };
+    let request = if per_step {
+        MapsRequest::PerStep(points)
+    } else {
+        MapsRequest::Averaged(points)
     };
     let mut out = MapsOutput {
         blocks,
@@ -430,6 +508,9 @@ mod tests {
                 allowed_sizes: vec![],
                 created: 0,
                 dtype: "f32".into(),
+                map_downscales: vec![
+                    1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1,
+                ],
             }],
             default_ensemble: "tiny".into(),
             device: "cpu".into(),
@@ -534,6 +615,11 @@ mod tests {
                 "return_attention_maps.format",
             ),
             (
+                json!({"prompt": "a", "return_attention_maps": {"blocks": [0, 25]}}),
+                400,
+                "return_attention_maps.blocks",
+            ),
+            (
                 json!({"prompt": "a", "ensemble_mode": "single:a", "return_attention_maps": true}),
                 400,
                 "return_attention_maps",
@@ -554,6 +640,44 @@ mod tests {
     }
 
     #[test]
+    fn attention_maps_are_bounded_by_a_budget() {
+        use serde_json::json;
+        // The largest request every other limit admits, with every map in every format: 413.
+        let huge = json!({"prompt": "a", "n": 16, "steps": 500, "size": "1024x1024",
+            "return_attention_maps": {"steps": "all", "format": ["png", "f32", "f16"]}});
+        assert_eq!(
+            param(huge),
+            (413, Some("return_attention_maps".to_string()))
+        );
+        // The ensemble's default request with maps is served, and so is one point per step.
+        for maps in [
+            json!(true),
+            json!({"steps": "all", "blocks": [12], "format": "f16"}),
+        ] {
+            let v = validate(
+                &req(json!({"prompt": "a", "return_attention_maps": maps})),
+                &catalog(),
+                64,
+                1,
+            );
+            assert!(v.is_ok(), "{:?}", v.err());
+        }
+        let v = validate(
+            &req(json!({"prompt": "a", "return_attention_maps": {"blocks": [3, 24]}})),
+            &catalog(),
+            64,
+            1,
+        )
+        .unwrap();
+        let points = v.job.attention_maps.points().unwrap();
+        assert_eq!(
+            points.among(25),
+            vec![3, 24],
+            "only the asked points are kept"
+        );
+    }
+
+    #[test]
     fn maps_options_parse() {
         let v = validate(
             &req(serde_json::json!({"prompt": "a", "return_attention_maps": {"steps": "all", "blocks": [0, 2], "format": ["png", "f16"]}})),
@@ -562,7 +686,8 @@ mod tests {
             1,
         )
         .unwrap();
-        assert_eq!(v.job.attention_maps, MapsRequest::PerStep);
+        let kept = MapPoints::only(&[0, 2]).unwrap();
+        assert_eq!(v.job.attention_maps, MapsRequest::PerStep(kept));
         let m = v.maps.unwrap();
         assert_eq!(m.blocks, Some(vec![0, 2]));
         assert!(m.png && m.f16 && !m.f32);

@@ -225,7 +225,7 @@ pub(super) fn build_request(
         scheduler: args.scheduler,
         initial_latents,
         attention_maps: if args.maps.is_some() {
-            crate::pipeline::MapsRequest::PerStep
+            crate::pipeline::MapsRequest::PerStep(crate::pipeline::MapPoints::ALL)
         } else {
             crate::pipeline::MapsRequest::Off
         },

@@ -140,8 +140,8 @@ fn write_maps(
             let per_step: Vec<Tensor> = steps.iter().map(|s| s[k].clone()).collect();
             let averaged = Tensor::stack(&per_step, 0)?.mean(0)?;
             let map = averaged.get(images + i)?;
-            let (_, h, _) = map.dims3()?;
-            let scale = (128 / h.max(1)).max(1);
+            let (_, _, w) = map.dims3()?;
+            let scale = crate::pipeline::maps::heatmap_scale(w);
             let file = format!("image{i}_point{k:02}.png");
             std::fs::write(dir.join(&file), heatmap_png(&map, scale, &legend)?)?;
             files.push(file);

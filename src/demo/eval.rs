@@ -276,7 +276,7 @@ fn alignment(
             scheduler: opts.scheduler,
             initial_latents: None,
             attention_maps: if wants_maps {
-                MapsRequest::Averaged
+                MapsRequest::Averaged(crate::pipeline::MapPoints::ALL)
             } else {
                 MapsRequest::Off
             },

@@ -3,14 +3,17 @@
 use candle_core::Tensor;
 
 use super::PipelineError;
+#[cfg(test)]
+use super::params::MapPoints;
 use super::params::MapsRequest;
 
-/// Expert weights per aggregation point, each `[2B, N, h, w]` f32 (unconditional half first).
+/// Expert weights of the kept aggregation points, each `[2B, N, h, w]` f32 (unconditional half
+/// first). Entry i is the i-th kept point (`MapPoints::among`); all points unless filtered.
 #[derive(Debug, Clone)]
 pub enum CollectedMaps {
-    /// `steps[s][k]`: step s, aggregation point k.
+    /// `steps[s][i]`: step s, kept point i.
     PerStep(Vec<Vec<Tensor>>),
-    /// `points[k]`: the mean over all steps.
+    /// `points[i]`: the mean over all steps.
     Averaged(Vec<Tensor>),
 }
 
@@ -23,20 +26,30 @@ pub(super) struct MapCollector {
 }
 
 impl MapCollector {
-    /// Adds one step's maps (ignored when the request wants none or the denoiser gave none).
+    /// Adds one step's maps (all points; only the asked-for ones are kept; ignored when the
+    /// request wants none or the denoiser gave none).
     pub(super) fn push(
         &mut self,
         mode: MapsRequest,
         maps: Vec<Tensor>,
     ) -> Result<(), PipelineError> {
         self.mode = mode;
+        let Some(points) = mode.points() else {
+            return Ok(());
+        };
+        let maps: Vec<Tensor> = maps
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| points.contains(*k))
+            .map(|(_, m)| m)
+            .collect();
         if maps.is_empty() {
             return Ok(());
         }
         match mode {
             MapsRequest::Off => {}
-            MapsRequest::PerStep => self.steps.push(maps),
-            MapsRequest::Averaged => {
+            MapsRequest::PerStep(_) => self.steps.push(maps),
+            MapsRequest::Averaged(_) => {
                 self.sum = Some(match self.sum.take() {
                     None => maps,
                     Some(sum) => sum
@@ -71,9 +84,9 @@ impl MapCollector {
     pub(super) fn finish(self, steps: usize) -> Result<Option<CollectedMaps>, PipelineError> {
         Ok(match self.mode {
             MapsRequest::Off => None,
-            MapsRequest::PerStep if self.steps.is_empty() => None,
-            MapsRequest::PerStep => Some(CollectedMaps::PerStep(self.steps)),
-            MapsRequest::Averaged => match self.sum {
+            MapsRequest::PerStep(_) if self.steps.is_empty() => None,
+            MapsRequest::PerStep(_) => Some(CollectedMaps::PerStep(self.steps)),
+            MapsRequest::Averaged(_) => match self.sum {
                 None => None,
                 Some(sum) => Some(CollectedMaps::Averaged(
                     sum.iter()
@@ -83,6 +96,15 @@ impl MapCollector {
             },
         })
     }
+}
+
+/// Heat maps are about this many pixels wide: the map's own resolution times the largest
+/// integer factor that fits (at least 1). Clients scale them up for display.
+pub const HEATMAP_WIDTH: usize = 128;
+
+/// The integer upscale factor of a heat map of a map `map_width` wide.
+pub fn heatmap_scale(map_width: usize) -> usize {
+    (HEATMAP_WIDTH / map_width.max(1)).max(1)
 }
 
 /// Distinct colours for up to 8 experts (ColorBrewer Set1), RGB.
@@ -206,8 +228,10 @@ mod tests {
         let mut c = MapCollector::default();
         let a = Tensor::full(0.2f32, (2, 2, 1, 1), &dev).unwrap();
         let b = Tensor::full(0.6f32, (2, 2, 1, 1), &dev).unwrap();
-        c.push(MapsRequest::Averaged, vec![a]).unwrap();
-        c.push(MapsRequest::Averaged, vec![b]).unwrap();
+        c.push(MapsRequest::Averaged(MapPoints::ALL), vec![a])
+            .unwrap();
+        c.push(MapsRequest::Averaged(MapPoints::ALL), vec![b])
+            .unwrap();
         match c.finish(2).unwrap() {
             Some(CollectedMaps::Averaged(m)) => {
                 let v = m[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();

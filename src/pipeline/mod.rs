@@ -12,7 +12,7 @@ pub use denoiser::{DenoiseStep, Denoiser, SingleUNet};
 pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings};
 pub use maps::CollectedMaps;
 pub use noise::{BatchNoise, ImageRng};
-pub use params::{BatchRequest, ImageSpec, Limits, MapsRequest, sampler_display_name};
+pub use params::{BatchRequest, ImageSpec, Limits, MapPoints, MapsRequest, sampler_display_name};
 
 use crate::models::ModelError;
 use crate::schedulers::SchedulerError;

@@ -28,15 +28,62 @@ pub struct BatchRequest {
     pub attention_maps: MapsRequest,
 }
 
-/// Which attention maps a request wants back.
+/// Which attention maps a request wants back: none, or those of some aggregation points, per
+/// step or averaged over the steps. Maps of points not asked for are never kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MapsRequest {
     #[default]
     Off,
     /// Every step's maps.
-    PerStep,
+    PerStep(MapPoints),
     /// The mean over steps.
-    Averaged,
+    Averaged(MapPoints),
+}
+
+impl MapsRequest {
+    /// The points kept (`None` when off).
+    pub fn points(&self) -> Option<MapPoints> {
+        match self {
+            MapsRequest::Off => None,
+            MapsRequest::PerStep(p) | MapsRequest::Averaged(p) => Some(*p),
+        }
+    }
+}
+
+/// A set of aggregation points (bit k: point k; ensembles have at most 64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MapPoints(u64);
+
+impl Default for MapPoints {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl MapPoints {
+    /// Every point.
+    pub const ALL: MapPoints = MapPoints(u64::MAX);
+    /// Most points a set can name.
+    pub const MAX_POINTS: usize = 64;
+
+    /// Just these points (`None` if one is `MAX_POINTS` or more).
+    pub fn only(points: &[usize]) -> Option<Self> {
+        points
+            .iter()
+            .try_fold(0u64, |acc, &k| {
+                (k < Self::MAX_POINTS).then(|| acc | (1u64 << k))
+            })
+            .map(MapPoints)
+    }
+
+    pub fn contains(self, k: usize) -> bool {
+        k < Self::MAX_POINTS && self.0 & (1u64 << k) != 0
+    }
+
+    /// The kept points among `0..total`, in order.
+    pub fn among(self, total: usize) -> Vec<usize> {
+        (0..total).filter(|&k| self.contains(k)).collect()
+    }
 }
 
 /// Bounds enforced on every request.
@@ -51,6 +98,9 @@ pub struct Limits {
     pub max_batch: usize,
     /// Upper bound on prompt length in bytes (CLIP reads 75 tokens; this only bounds work).
     pub max_prompt_bytes: usize,
+    /// Upper bound on the attention maps one request may hold and return (their f32 values
+    /// while the job runs plus every asked-for encoding, base64 included).
+    pub max_map_bytes: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +113,7 @@ impl Default for Limits {
             max_guidance: 50.0,
             max_batch: 16,
             max_prompt_bytes: 16 * 1024,
+            max_map_bytes: 64 << 20,
         }
     }
 }

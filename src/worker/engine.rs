@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::contract::{BatchKey, ImageMap, ImageResult, JobError, JobTimings};
 use crate::config::{EnsembleEntry, ModelRegistry, Precision, parse_size};
 use crate::ensemble::EnsembleMode;
+use crate::ensemble::points::aggregation_points;
 use crate::loading::ensemble::{EnsembleLoadOptions, LoadedEnsemble, open_declared};
 use crate::pipeline::{
     BatchRequest, CollectedMaps, ImageSpec, Limits, Observer, PipelineError, SdPipeline,
@@ -36,6 +37,9 @@ pub struct EnsembleCatalog {
     pub created: u64,
     /// The precision its weights run in (`f32`, `f16`, `bf16`).
     pub dtype: String,
+    /// Per aggregation point, how much smaller than the latent its maps are (empty: the
+    /// ensemble has no maps).
+    pub map_downscales: Vec<usize>,
 }
 
 /// Everything the server offers.
@@ -131,6 +135,10 @@ fn describe(entry: &EnsembleEntry, loaded: &LoadedEnsemble) -> EnsembleCatalog {
             .collect(),
         created: now_unix(),
         dtype: dtype_name(loaded.ensemble.members()[0].unet.dtype()),
+        map_downscales: aggregation_points(loaded.ensemble.members()[0].unet.config())
+            .iter()
+            .map(|p| p.downscale)
+            .collect(),
     }
 }
 
@@ -258,10 +266,18 @@ impl Engine for RegistryEngine {
             Err(e) => return Err(JobError::Failed(e.to_string())),
         };
         let maps = match &output.attention_maps {
-            Some(m) => Some(
-                per_image_maps(m, output.images.len())
-                    .map_err(|e| JobError::Failed(e.to_string()))?,
-            ),
+            Some(m) => {
+                let total = loaded
+                    .ensemble
+                    .aggregators()
+                    .len()
+                    .max(aggregation_points(loaded.ensemble.members()[0].unet.config()).len());
+                let points = key.attention_maps.points().unwrap_or_default().among(total);
+                Some(
+                    per_image_maps(m, &points, output.images.len())
+                        .map_err(|e| JobError::Failed(e.to_string()))?,
+                )
+            }
             None => None,
         };
         let mut results: Vec<Option<ImageResult>> = vec![None; images.len()];
@@ -295,7 +311,11 @@ impl Engine for RegistryEngine {
 
 /// Splits collected maps (`[2B, N, h, w]` per point) into each running image's conditional
 /// maps, in the order of the finished images.
-fn per_image_maps(maps: &CollectedMaps, b: usize) -> candle_core::Result<Vec<Vec<ImageMap>>> {
+fn per_image_maps(
+    maps: &CollectedMaps,
+    points: &[usize],
+    b: usize,
+) -> candle_core::Result<Vec<Vec<ImageMap>>> {
     let mut out: Vec<Vec<ImageMap>> = vec![Vec::new(); b];
     let mut add = |step: Option<usize>, point: usize, t: &Tensor| -> candle_core::Result<()> {
         let (_, n, h, w) = t.dims4()?;
@@ -315,14 +335,14 @@ fn per_image_maps(maps: &CollectedMaps, b: usize) -> candle_core::Result<Vec<Vec
         Ok(())
     };
     match maps {
-        CollectedMaps::Averaged(points) => {
-            for (k, t) in points.iter().enumerate() {
+        CollectedMaps::Averaged(kept) => {
+            for (t, &k) in kept.iter().zip(points) {
                 add(None, k, t)?;
             }
         }
         CollectedMaps::PerStep(steps) => {
-            for (s, points) in steps.iter().enumerate() {
-                for (k, t) in points.iter().enumerate() {
+            for (s, kept) in steps.iter().enumerate() {
+                for (t, &k) in kept.iter().zip(points) {
                     add(Some(s), k, t)?;
                 }
             }

@@ -138,6 +138,9 @@ pub fn fake_catalog() -> Catalog {
             allowed_sizes: vec![],
             created: 1,
             dtype: "f32".into(),
+            map_downscales: vec![
+                1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1,
+            ],
         }],
         default_ensemble: "fake".into(),
         device: "cpu".into(),
