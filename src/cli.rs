@@ -16,7 +16,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate images from a prompt with one model (the embedded tiny model by default) or an
+    /// Generate images from a prompt with the embedded demonstration ensemble (the default), one
+    /// model, or an
     /// ensemble (an official AFA folder as --model, or --config models.toml --ensemble NAME).
     Generate(Box<GenerateArgs>),
     /// Measure speed and memory of the full-size components and of AFA steps (random weights).
@@ -61,8 +62,8 @@ pub enum DeviceArg {
 /// `afa generate` flags (later tools rely on these names).
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// A diffusers folder or a single-file `.safetensors` checkpoint. Default: the embedded tiny
-    /// model (random weights; it draws noise).
+    /// A diffusers folder or a single-file `.safetensors` checkpoint. Default: the embedded
+    /// demonstration ensemble (coloured shapes, 64x64; assets/demo/README.md).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// For a single-file checkpoint: a diffusers folder whose configs (and tokenizer) describe
@@ -84,10 +85,10 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
-    /// Image width in pixels (default 512, or 128 for the embedded tiny model).
+    /// Image width in pixels (default 512 for a model, the ensemble's default for an ensemble).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Image height in pixels (default 512, or 128 for the embedded tiny model).
+    /// Image height in pixels (default 512 for a model, the ensemble's default for an ensemble).
     #[arg(long)]
     pub height: Option<usize>,
     /// Seed of the first image; image i uses seed + i. Random when absent.

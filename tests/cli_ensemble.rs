@@ -138,7 +138,7 @@ fn declared_ensemble_writes_maps_and_every_mode_runs() {
     ok(&[
         "generate",
         "--config",
-        "models.toml",
+        "tests/fixtures/tiny-models.toml",
         "--prompt",
         "a cat",
         "--steps",
@@ -164,7 +164,7 @@ fn declared_ensemble_writes_maps_and_every_mode_runs() {
         ok(&[
             "generate",
             "--config",
-            "models.toml",
+            "tests/fixtures/tiny-models.toml",
             "--mode",
             mode,
             "--prompt",
@@ -179,7 +179,7 @@ fn declared_ensemble_writes_maps_and_every_mode_runs() {
     let bad = afa(&[
         "generate",
         "--config",
-        "models.toml",
+        "tests/fixtures/tiny-models.toml",
         "--mode",
         "single:nobody",
         "--prompt",
@@ -246,7 +246,12 @@ fn convert_round_trips_and_refuses_foreign_members() {
     };
     let a = run(&["--model", s(&folder)], &dir.join("a.png"));
     let b = run(
-        &["--config", "models.toml", "--aggregators", s(&file)],
+        &[
+            "--config",
+            "tests/fixtures/tiny-models.toml",
+            "--aggregators",
+            s(&file),
+        ],
         &dir.join("b.png"),
     );
     // PNG metadata names differ (model name); compare the decoded pixels.
@@ -271,7 +276,7 @@ fn convert_round_trips_and_refuses_foreign_members() {
     let bad = afa(&[
         "generate",
         "--config",
-        "models.toml",
+        "tests/fixtures/tiny-models.toml",
         "--aggregators",
         s(&n3),
         "--prompt",

@@ -25,17 +25,18 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn embedded_default_writes_a_png_with_parameters() {
+    // The embedded demonstration ensemble: a real (if simple) picture, with its parameters.
     let dir = scratch("embedded");
     let out = dir.join("cat.png");
     let run = afa()
         .args([
             "generate",
             "--prompt",
-            "a photo of a cat",
+            "a red circle on the left",
             "--seed",
             "7",
             "--steps",
-            "3",
+            "10",
             "--quiet",
             "--out",
         ])
@@ -52,13 +53,15 @@ fn embedded_default_writes_a_png_with_parameters() {
         .read_info()
         .unwrap();
     let info = reader.info();
-    assert_eq!((info.width, info.height), (128, 128));
+    assert_eq!((info.width, info.height), (64, 64));
     let text = &info.uncompressed_latin1_text[0];
     assert_eq!(text.keyword, "parameters");
-    assert!(
-        text.text
-            .starts_with("a photo of a cat\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 7")
-    );
+    assert!(text.text.starts_with(
+        "a red circle on the left\nSteps: 10, Sampler: DDIM, CFG scale: 7.5, Seed: 7"
+    ));
+    let img = image::open(&out).unwrap().to_rgb8();
+    let verdict = afa::demo::judge(&img);
+    assert_eq!(verdict.colour, Some(afa::demo::Colour::Red), "{verdict:?}");
 }
 
 #[test]

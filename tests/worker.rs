@@ -297,7 +297,9 @@ fn validation_not_ready_and_draining() {
 
 #[test]
 fn the_catalog_reports_the_precision_each_ensemble_really_runs_in() {
-    let registry = afa::config::ModelRegistry::load(std::path::Path::new("models.toml")).unwrap();
+    let registry =
+        afa::config::ModelRegistry::load(std::path::Path::new("tests/fixtures/tiny-models.toml"))
+            .unwrap();
     for (override_dtype, name) in [(None, "f32"), (Some(candle_core::DType::F16), "f16")] {
         let engine =
             afa::worker::RegistryEngine::load(&registry, &candle_core::Device::Cpu, override_dtype)
@@ -313,7 +315,9 @@ fn the_catalog_reports_the_precision_each_ensemble_really_runs_in() {
 
 #[test]
 fn the_registry_engine_serves_the_committed_tiny_ensemble() {
-    let registry = afa::config::ModelRegistry::load(std::path::Path::new("models.toml")).unwrap();
+    let registry =
+        afa::config::ModelRegistry::load(std::path::Path::new("tests/fixtures/tiny-models.toml"))
+            .unwrap();
     let handle = start_worker(
         Box::new(move || {
             afa::worker::RegistryEngine::load(&registry, &candle_core::Device::Cpu, None)

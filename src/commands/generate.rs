@@ -7,14 +7,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{DeviceArg, DtypeArg, GenerateArgs};
 use crate::loading::checkpoint::{LoadedModel, ModelSource, load_model};
-use crate::loading::embedded::{EMBEDDED_MODEL_NAME, materialize_embedded_model};
+use crate::loading::embedded::{EMBEDDED_ENSEMBLE_NAME, materialize_embedded_ensemble};
 use crate::pipeline::{
     BatchOutput, BatchRequest, Denoiser, ImageSpec, Limits, Observer, PipelineError, SdPipeline,
     SingleUNet,
 };
 
-/// Default size of the embedded tiny model, and of real SD1.5 models.
-const TINY_SIDE: usize = 128;
+/// Default size of a single model (SD1.5's).
 const SD15_SIDE: usize = 512;
 
 /// Runs `afa generate`.
@@ -45,18 +44,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             "--mode, --maps and --aggregators need an ensemble (--config/--ensemble, or an official AFA folder as --model)"
         );
     }
-    let embedded = args.model.is_none();
-    let (model_path, model_name) = match &args.model {
-        Some(p) => (p.clone(), display_name(p)),
-        None => {
-            let dir = materialize_embedded_model(&crate::config::cache_root())
-                .context("writing the embedded model to the cache folder")?;
-            eprintln!(
-                "note: no --model given, using the {EMBEDDED_MODEL_NAME}: its weights are random, so it draws noise"
-            );
-            (dir, EMBEDDED_MODEL_NAME.to_string())
-        }
-    };
+    let model_path = args
+        .model
+        .clone()
+        .context("no --model (the embedded ensemble is used only without --model and --config)")?;
+    let model_name = display_name(&model_path);
     let source = ModelSource {
         model: model_path,
         model_config: args.model_config.clone(),
@@ -79,8 +71,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         model_name,
         limits: Limits::default(),
     };
-    let side = if embedded { TINY_SIDE } else { SD15_SIDE };
-    let request = build_request(args, (side, side), &device)?;
+    let request = build_request(args, (SD15_SIDE, SD15_SIDE), &device)?;
     generate_and_write(&pipeline, args, request).map(|_| ())
 }
 
@@ -96,6 +87,25 @@ pub(super) enum EnsembleTarget {
 }
 
 fn ensemble_target(args: &GenerateArgs) -> anyhow::Result<Option<EnsembleTarget>> {
+    if args.model.is_none() && args.config.is_none() && args.ensemble.is_none() {
+        for (flag, given) in [
+            ("--model-config", args.model_config.is_some()),
+            ("--vae", args.vae.is_some()),
+            ("--tokenizer", args.tokenizer.is_some()),
+        ] {
+            if given {
+                bail!("{flag} applies to --model; without --model the embedded ensemble runs");
+            }
+        }
+        let config = materialize_embedded_ensemble(&crate::config::cache_root())
+            .context("writing the embedded ensemble to the cache folder")?;
+        if !args.quiet {
+            eprintln!(
+                "note: no --model given, using the {EMBEDDED_ENSEMBLE_NAME}: a demonstration world of coloured shapes (64x64), try \"a red circle on the left\""
+            );
+        }
+        return Ok(Some(EnsembleTarget::Declared { config, name: None }));
+    }
     if args.config.is_some() || args.ensemble.is_some() {
         if args.model.is_some() {
             bail!("give either --model or --config/--ensemble, not both");

@@ -57,9 +57,10 @@ pub fn start(loader: EngineLoader, worker: WorkerConfig, config: ApiConfig) -> S
     }
 }
 
-/// The committed tiny ensemble of `models.toml`, loaded for real on the CPU.
+/// The committed tiny ensemble (`tests/fixtures/tiny-models.toml`), loaded for real on the CPU.
 pub fn start_tiny(max_batch: usize, api: ApiConfig) -> Server {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models.toml");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-models.toml");
     let registry = afa::config::ModelRegistry::load(&path).unwrap();
     let loader: EngineLoader = Box::new(move || {
         let engine = afa::worker::RegistryEngine::load(&registry, &candle_core::Device::Cpu, None)?;
@@ -303,7 +304,7 @@ pub fn parse_sse(text: &str) -> Vec<Sse> {
         .collect()
 }
 
-/// Starts the real `afa serve` binary on the committed models.toml at 127.0.0.1:0 with
+/// Starts the real `afa serve` binary on the tests' tiny registry at 127.0.0.1:0 with
 /// `--device cpu --max-batch 1` plus `extra` arguments; returns the child and its address
 /// (read from the "listening on" log line).
 pub fn spawn_serve(extra: &[String]) -> (std::process::Child, String) {
@@ -311,7 +312,11 @@ pub fn spawn_serve(extra: &[String]) -> (std::process::Child, String) {
     use std::process::{Command, Stdio};
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = Command::new(env!("CARGO_BIN_EXE_afa"))
-        .args(["serve", "--config", &format!("{root}/models.toml")])
+        .args([
+            "serve",
+            "--config",
+            &format!("{root}/tests/fixtures/tiny-models.toml"),
+        ])
         .args([
             "--bind",
             "127.0.0.1:0",
