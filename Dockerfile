@@ -1,6 +1,8 @@
 # afa-server images. Two targets:
 #   docker build --target cpu  -t afa-server:cpu  .
-#   docker build --target cuda -t afa-server:cuda .      (built with --features cuda)
+#   docker build --target cuda -t afa-server:cuda .      (built with --features cuda: candle's CUDA
+#        backend and cuDNN, the feature set scripts/cuda_check.sh checks in CI; add
+#        --build-arg CUDA_COMPUTE_CAP=90 for H100/H200)
 # Models are not baked in: mount a folder with models.toml (and the weights it names) at
 # /models. The repository's tiny ensemble is copied in so the image also runs with no mount.
 #   docker run -p 8080:8080 -v $PWD/models:/models afa-server:cpu

@@ -1,6 +1,7 @@
 //! The AFA ensemble against the Python reference of the paper's method
 //! (scripts/fixtures/afa_reference.py) on tiny N=2 and N=3 ensembles loaded from the official
-//! folder layout, plus self-consistency checks.
+//! folder layout, plus self-consistency checks. The reference comparison runs on AFA_TEST_DEVICE
+//! in AFA_TEST_DTYPE (tests/common); the others stay on the CPU in f32.
 mod common;
 
 use std::path::Path;
@@ -10,12 +11,16 @@ use afa::loading::ensemble::{EnsembleLoadOptions, LoadedEnsemble, open_official}
 use afa::pipeline::{BatchRequest, ImageSpec, Limits, MapsRequest, SdPipeline};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
-use common::{Capture, max_abs_diff, npy, official_folder};
+use common::{Capture, bound, max_abs_diff, npy, official_folder};
 
 fn load(tag: &str) -> LoadedEnsemble {
+    load_on(tag, DType::F32, &Device::Cpu)
+}
+
+fn load_on(tag: &str, dtype: DType, device: &Device) -> LoadedEnsemble {
     let options = EnsembleLoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
+        dtype,
+        device: device.clone(),
         merge_weights: Some(vec![1.0; if tag == "n2" { 2 } else { 3 }]),
         aggregators: None,
     };
@@ -55,7 +60,7 @@ fn run(loaded: &LoadedEnsemble, mode: &EnsembleMode, req: &BatchRequest) -> Capt
         denoiser: loaded.ensemble.denoiser(mode).unwrap(),
         vae: loaded.vae.clone(),
         scheduler_config: loaded.scheduler.clone(),
-        device: Device::Cpu,
+        device: loaded.vae.device().clone(),
         model_name: "tiny-afa".into(),
         limits: Limits::default(),
     };
@@ -67,32 +72,36 @@ fn run(loaded: &LoadedEnsemble, mode: &EnsembleMode, req: &BatchRequest) -> Capt
 #[test]
 fn afa_matches_the_reference_for_n2_and_n3() {
     for tag in ["n2", "n3"] {
-        let loaded = load(tag);
+        let loaded = load_on(tag, common::dtype(), &common::device());
         let n = loaded.ensemble.members().len();
         let cap = run(&loaded, &EnsembleMode::Afa, &request(tag, None));
+        let tight = bound(1e-4, 5e-2);
         for e in 0..n {
             let name = format!("text_emb_e{e}");
             let err = max_abs_diff(&cap.0[&name], &reference(tag, &name));
-            assert!(err <= 1e-4, "{tag} {name}: {err}");
+            assert!(err <= tight, "{tag} {name}: {err}");
         }
-        assert!(max_abs_diff(&cap.0["text_emb_mean"], &reference(tag, "text_emb_mean")) <= 1e-4);
+        assert!(max_abs_diff(&cap.0["text_emb_mean"], &reference(tag, "text_emb_mean")) <= tight);
         for k in 0..25 {
             let name = format!("attention_maps_step0_{k}");
             let ours = &cap.0[&name];
             assert_eq!(ours.dims()[1], n, "{tag} {name}");
             let err = max_abs_diff(ours, &reference(tag, &name));
-            assert!(err <= 1e-4, "{tag} {name}: max abs error {err}");
+            assert!(err <= tight, "{tag} {name}: max abs error {err}");
         }
         let eps = max_abs_diff(
             &cap.0["noise_pred_step0"],
             &reference(tag, "noise_pred_step0"),
         );
-        assert!(eps <= 1e-3, "{tag} guided eps: {eps}");
         let lat = max_abs_diff(&cap.0["latent_final"], &reference(tag, "latent_final"));
-        assert!(lat <= 1e-3, "{tag} final latent: {lat}");
+        println!("{tag}: guided eps step 0 {eps:.3e}, final latent {lat:.3e}");
+        assert!(eps <= bound(1e-3, 2.5e-1), "{tag} guided eps: {eps}");
+        // The tiny random members' final latents reach |x| ~ 40 (std ~10).
+        assert!(lat <= bound(1e-3, 1.0), "{tag} final latent: {lat}");
         if tag == "n2" {
             let img = max_abs_diff(&cap.0["image"], &reference(tag, "image"));
-            assert!(img <= 1e-3, "{tag} image: {img}");
+            println!("{tag}: image {img:.3e}");
+            assert!(img <= bound(1e-3, 1e-1), "{tag} image: {img}");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end: the tiny model through `SdPipeline` against diffusers' StableDiffusionPipeline
 //! from the same initial latents (fixtures from scripts/fixtures/pipeline.py), the single-file
-//! copy against the diffusers folder, and seed behaviour.
+//! copy against the diffusers folder, and seed behaviour. Runs on AFA_TEST_DEVICE in
+//! AFA_TEST_DTYPE (tests/common); the diffusers bounds widen in half precision.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use afa::pipeline::{
 };
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
-use common::{Capture, max_abs_diff};
+use common::{Capture, bound, max_abs_diff};
 
 const FIXTURES: &str = "tests/fixtures/pipeline";
 
@@ -22,13 +23,13 @@ fn pipeline(source: ModelSource) -> SdPipeline<SingleUNet> {
         vae,
         tokenizer,
         scheduler,
-    } = load_model(&source, DType::F32, &Device::Cpu).unwrap();
+    } = load_model(&source, common::dtype(), &common::device()).unwrap();
     SdPipeline {
         tokenizer,
         denoiser: SingleUNet { text_encoder, unet },
         vae,
         scheduler_config: scheduler,
-        device: Device::Cpu,
+        device: common::device(),
         model_name: "tiny".into(),
         limits: Limits::default(),
     }
@@ -101,16 +102,22 @@ fn final_latents_match_diffusers_for_deterministic_samplers() {
             &cap.0["noise_pred_step0"],
             &fixture(name, "noise_pred_step0.npy"),
         );
+        let err = max_abs_diff(&cap.0["latent_final"], &fixture(name, "latent_final.npy"));
+        println!("{name}: guided eps step 0 {eps_err:.3e}, final latent {err:.3e}");
         assert!(
-            eps_err <= 1e-4,
+            eps_err <= bound(1e-4, 2.5e-1),
             "{name}: guided eps at step 0 off by {eps_err}"
         );
-        let err = max_abs_diff(&cap.0["latent_final"], &fixture(name, "latent_final.npy"));
-        assert!(err <= 1e-3, "{name}: final latent off by {err}");
+        // The tiny random model's final latents reach |x| ~ 40 (std ~10).
+        assert!(err <= bound(1e-3, 1.0), "{name}: final latent off by {err}");
         if name == "ddim" {
             let reference = fixture(name, "image.npy").clamp(-1f32, 1f32).unwrap();
             let img_err = max_abs_diff(&cap.0["image"], &reference);
-            assert!(img_err <= 1e-3, "decoded image off by {img_err}");
+            println!("{name}: image {img_err:.3e}");
+            assert!(
+                img_err <= bound(1e-3, 1e-1),
+                "decoded image off by {img_err}"
+            );
         }
     }
 }

@@ -1,19 +1,25 @@
 //! The staged UNet against diffusers' UNet2DConditionModel on the tiny seeded model
 //! (fixtures from scripts/fixtures/unet.py), and the layer plan against the AFA spec.
+//! The parity checks honour AFA_TEST_DEVICE / AFA_TEST_DTYPE (tests/common).
 mod common;
 
 use std::path::Path;
 
 use afa::loading::diffusers::open_component;
 use afa::models::unet::{StagedUNet, UNetConfig, UNetLayer, layer_plan};
-use candle_core::{DType, Device, Tensor};
-use common::max_abs_diff;
+use candle_core::{Device, Tensor};
+use common::{bound, device, dtype, max_abs_diff, on_test_device};
 
 fn fixture(name: &str) -> Tensor {
     afa::npy::read(Path::new("tests/fixtures/unet").join(name))
         .unwrap()
         .to_tensor(&Device::Cpu)
         .unwrap()
+}
+
+/// Timesteps stay f32 (the UNet computes its sinusoidal embedding in f32).
+fn on_device(t: &Tensor) -> Tensor {
+    t.to_device(&device()).unwrap()
 }
 
 fn load_tiny_unet() -> StagedUNet {
@@ -24,7 +30,7 @@ fn load_tiny_unet() -> StagedUNet {
     let config: UNetConfig = serde_json::from_value(folder.config.clone()).unwrap();
     folder
         .weights
-        .build(DType::F32, &Device::Cpu, |vb| {
+        .build(dtype(), &device(), |vb| {
             StagedUNet::new(&config, vb).map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
         .unwrap()
@@ -34,22 +40,23 @@ fn load_tiny_unet() -> StagedUNet {
 fn unet_matches_diffusers() {
     let unet = load_tiny_unet();
     for case in ["batch2", "odd"] {
-        let sample = fixture(&format!("{case}_sample.npy"));
-        let t = fixture(&format!("{case}_timesteps.npy"));
-        let context = fixture(&format!("{case}_context.npy"));
+        let sample = on_test_device(&fixture(&format!("{case}_sample.npy")));
+        let t = on_device(&fixture(&format!("{case}_timesteps.npy")));
+        let context = on_test_device(&fixture(&format!("{case}_context.npy")));
         let expected = fixture(&format!("{case}_out.npy"));
         let out = unet.forward(&sample, &t, &context).unwrap();
         let err = max_abs_diff(&out, &expected);
-        assert!(err <= 1e-4, "{case}: max abs error {err}");
+        println!("{case}: max abs error {err:.3e}");
+        assert!(err <= bound(1e-4, 5e-2), "{case}: max abs error {err}");
     }
 }
 
 #[test]
 fn batch_equals_single() {
     let unet = load_tiny_unet();
-    let sample = fixture("batch2_sample.npy");
-    let t = fixture("batch2_timesteps.npy");
-    let context = fixture("batch2_context.npy");
+    let sample = on_test_device(&fixture("batch2_sample.npy"));
+    let t = on_device(&fixture("batch2_timesteps.npy"));
+    let context = on_test_device(&fixture("batch2_context.npy"));
     let both = unet.forward(&sample, &t, &context).unwrap();
     for i in 0..2 {
         let one = unet
@@ -60,7 +67,7 @@ fn batch_equals_single() {
             )
             .unwrap();
         let err = max_abs_diff(&one, &both.narrow(0, i, 1).unwrap());
-        assert!(err <= 1e-5, "sample {i}: {err}");
+        assert!(err <= bound(1e-5, 1e-2), "sample {i}: {err}");
     }
 }
 
@@ -103,9 +110,9 @@ fn sd15_plan_has_the_25_aggregation_points_of_the_spec() {
 #[test]
 fn staged_layers_expose_features_between_layers() {
     let unet = load_tiny_unet();
-    let sample = fixture("odd_sample.npy");
-    let t = fixture("odd_timesteps.npy");
-    let context = fixture("odd_context.npy");
+    let sample = on_test_device(&fixture("odd_sample.npy"));
+    let t = on_device(&fixture("odd_timesteps.npy"));
+    let context = on_test_device(&fixture("odd_context.npy"));
     let temb = unet.time_embedding(&t).unwrap();
     let cond = afa::models::unet::Conditioning {
         temb: &temb,
@@ -133,5 +140,5 @@ fn staged_layers_expose_features_between_layers() {
     }
     assert!(skips.is_empty());
     let expected = fixture("odd_out.npy");
-    assert!(max_abs_diff(&hidden, &expected) <= 1e-4);
+    assert!(max_abs_diff(&hidden, &expected) <= bound(1e-4, 5e-2));
 }

@@ -6,7 +6,10 @@
 //! machines and with `scripts/bench_torch.py`, which measures the same things in PyTorch.
 //! Each measurement is one warm-up run followed by `repeats` timed runs; the report gives the
 //! median (and min/max), the build time, the peak RSS of the part and the machine.
+//! Everything runs on `BenchOptions::device` in `BenchOptions::dtype` (f32 on the CPU by
+//! default); on a GPU every timed run ends with a device synchronisation.
 mod afa;
+mod generate;
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +32,8 @@ pub enum BenchError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Load(#[from] crate::loading::LoadError),
 }
 
 /// A component to time.
@@ -42,6 +47,11 @@ pub enum BenchPart {
     Text,
     /// One AFA step (N members + 25 aggregators) against N single UNet steps.
     Afa,
+    /// Whole generations (text encode, DDIM with CFG, VAE decode; PNG encoding excluded):
+    /// one model for `gen_steps`, and AFA with `gen_members` members for `afa_gen_steps`.
+    Generate,
+    /// Images per second of one model at each of `throughput_batches` images per batch.
+    Throughput,
 }
 
 impl BenchPart {
@@ -59,8 +69,10 @@ impl FromStr for BenchPart {
             "vae" => Ok(BenchPart::Vae),
             "text" | "clip" => Ok(BenchPart::Text),
             "afa" => Ok(BenchPart::Afa),
+            "generate" | "gen" => Ok(BenchPart::Generate),
+            "throughput" => Ok(BenchPart::Throughput),
             other => Err(BenchError::Option(format!(
-                "unknown part {other:?} (expected unet, vae, text or afa)"
+                "unknown part {other:?} (expected unet, vae, text, afa, generate or throughput)"
             ))),
         }
     }
@@ -86,6 +98,20 @@ pub struct BenchOptions {
     /// Ensemble sizes of the `afa` part.
     pub afa_members: Vec<usize>,
     pub seed: u64,
+    /// Where everything runs (weights, inputs).
+    pub device: Device,
+    /// Weight precision (f32, or f16/bf16 on a GPU; f16 also runs on the CPU).
+    pub dtype: DType,
+    /// Image side in pixels of the `generate` and `throughput` parts.
+    pub gen_size: usize,
+    /// DDIM steps of the single-model generation and of the throughput runs.
+    pub gen_steps: usize,
+    /// DDIM steps of the AFA generation.
+    pub afa_gen_steps: usize,
+    /// Members of the AFA generation.
+    pub gen_members: usize,
+    /// Images per batch of the `throughput` part.
+    pub throughput_batches: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -101,6 +127,13 @@ impl Default for BenchOptions {
             unet_layers: false,
             afa_members: vec![2, 3],
             seed: 0,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            gen_size: 512,
+            gen_steps: 50,
+            afa_gen_steps: 20,
+            gen_members: 3,
+            throughput_batches: vec![1, 4, 8],
         }
     }
 }
@@ -131,11 +164,15 @@ pub struct MachineInfo {
     pub threads: usize,
     /// SIMD candle's own kernels were compiled with (gemm picks AVX-512 etc. at run time).
     pub simd: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Weight precision.
+    pub dtype: String,
 }
 
 impl MachineInfo {
     /// Reads `/proc/cpuinfo` and candle's settings.
-    pub fn detect() -> Self {
+    pub fn detect(device: &Device, dtype: DType) -> Self {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -160,6 +197,11 @@ impl MachineInfo {
             logical_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: candle_core::utils::get_num_threads(),
             simd: if simd.is_empty() { "none".into() } else { simd },
+            device: match device.location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                _ => "cpu".into(),
+            },
+            dtype: format!("{dtype:?}").to_lowercase(),
         }
     }
 }
@@ -188,8 +230,10 @@ impl fmt::Display for BenchReport {
         let m = &self.machine;
         writeln!(
             f,
-            "candle {} f32 CPU | {} | {} logical cores | {} threads | simd {}\n",
+            "candle {} {} {} | {} | {} logical cores | {} threads | simd {}\n",
             candle_version(),
+            m.dtype,
+            m.device,
             m.cpu,
             m.logical_cores,
             m.threads,
@@ -233,7 +277,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     let mut report = BenchReport {
-        machine: MachineInfo::detect(),
+        machine: MachineInfo::detect(&opts.device, opts.dtype),
         rows: Vec::new(),
         layers: Vec::new(),
         notes: Vec::new(),
@@ -244,6 +288,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             BenchPart::Vae => report.rows.push(bench_vae(opts)?),
             BenchPart::Text => report.rows.push(bench_text(opts)?),
             BenchPart::Afa => afa::bench_afa(opts, &mut report)?,
+            BenchPart::Generate => generate::bench_generate(opts, &mut report)?,
+            BenchPart::Throughput => generate::bench_throughput(opts, &mut report)?,
         }
     }
     Ok(report)
@@ -266,24 +312,53 @@ fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
     if opts.threads == Some(0) {
         return bad("threads must be at least 1");
     }
+    if opts.gen_size == 0 || !opts.gen_size.is_multiple_of(64) {
+        return bad("the generation size must be a positive multiple of 64 pixels");
+    }
+    if opts.gen_steps == 0 || opts.afa_gen_steps == 0 || !(1..=8).contains(&opts.gen_members) {
+        return bad("generation steps must be at least 1 and members within 1..=8");
+    }
+    if opts.throughput_batches.is_empty() || opts.throughput_batches.contains(&0) {
+        return bad("throughput batches must be at least 1");
+    }
+    if let Err(e) = crate::models::check_precision(opts.dtype, &opts.device) {
+        return bad(&e);
+    }
     Ok(())
 }
 
-pub(crate) fn random_vb(seed: u64) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights { seed }), DType::F32, Device::Cpu)
+/// Random weights (see [`RandomWeights`]) in `opts.dtype` on `opts.device`.
+pub(crate) fn random_vb(seed: u64, opts: &BenchOptions) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(RandomWeights { seed }),
+        opts.dtype,
+        opts.device.clone(),
+    )
+}
+
+/// A `dims` N(0, std^2) input in `opts.dtype` on `opts.device`.
+pub(crate) fn random_input(
+    dims: &[usize],
+    std: f32,
+    seed: u64,
+    opts: &BenchOptions,
+) -> candle_core::Result<Tensor> {
+    random_tensor(dims, std, seed)?
+        .to_dtype(opts.dtype)?
+        .to_device(&opts.device)
 }
 
 fn bench_unet(opts: &BenchOptions, report: &mut BenchReport) -> Result<(), BenchError> {
     reset_peak_rss();
     let start = Instant::now();
-    let unet = StagedUNet::new(&UNetConfig::sd15(), random_vb(opts.seed))?;
+    let unet = StagedUNet::new(&UNetConfig::sd15(), random_vb(opts.seed, opts))?;
     let build_s = start.elapsed().as_secs_f64();
     let b = opts.unet_batch;
     for &size in &opts.unet_sizes {
-        let sample = random_tensor(&[b, 4, size, size], 1.0, opts.seed ^ 1)?;
-        let context = random_tensor(&[b, 77, 768], 1.0, opts.seed ^ 2)?;
-        let timesteps = Tensor::from_vec(vec![500f32; b], b, &Device::Cpu)?;
-        let times = time_runs(opts.repeats, || {
+        let sample = random_input(&[b, 4, size, size], 1.0, opts.seed ^ 1, opts)?;
+        let context = random_input(&[b, 77, 768], 1.0, opts.seed ^ 2, opts)?;
+        let timesteps = Tensor::from_vec(vec![500f32; b], b, &opts.device)?;
+        let times = time_runs(opts.repeats, &opts.device, || {
             unet.forward(&sample, &timesteps, &context).map(drop)
         })?;
         report
@@ -338,37 +413,41 @@ fn unet_layer_times(
 fn bench_vae(opts: &BenchOptions) -> Result<BenchRow, BenchError> {
     reset_peak_rss();
     let start = Instant::now();
-    let vae = AutoencoderKL::new(&VaeConfig::sd15(), random_vb(opts.seed))?;
+    let vae = AutoencoderKL::new(&VaeConfig::sd15(), random_vb(opts.seed, opts))?;
     let build_s = start.elapsed().as_secs_f64();
     let s = opts.vae_latent;
-    let z = random_tensor(&[1, 4, s, s], 1.0, opts.seed ^ 3)?;
-    let times = time_runs(opts.repeats, || vae.decode(&z).map(drop))?;
+    let z = random_input(&[1, 4, s, s], 1.0, opts.seed ^ 3, opts)?;
+    let times = time_runs(opts.repeats, &opts.device, || vae.decode(&z).map(drop))?;
     Ok(row("VAE decode", z.dims(), &times, build_s))
 }
 
 fn bench_text(opts: &BenchOptions) -> Result<BenchRow, BenchError> {
     reset_peak_rss();
     let start = Instant::now();
-    let clip = ClipTextModel::new(&ClipTextConfig::sd15(), random_vb(opts.seed))?;
+    let clip = ClipTextModel::new(&ClipTextConfig::sd15(), random_vb(opts.seed, opts))?;
     let build_s = start.elapsed().as_secs_f64();
     let b = opts.text_batch;
     let mut rng = SplitMix64::new(opts.seed ^ 4);
     let ids: Vec<u32> = (0..b * 77).map(|_| (rng.next() % 49408) as u32).collect();
-    let ids = Tensor::from_vec(ids, (b, 77), &Device::Cpu)?;
-    let times = time_runs(opts.repeats, || clip.forward(&ids).map(drop))?;
+    let ids = Tensor::from_vec(ids, (b, 77), &opts.device)?;
+    let times = time_runs(opts.repeats, &opts.device, || clip.forward(&ids).map(drop))?;
     Ok(row("text encode", ids.dims(), &times, build_s))
 }
 
-/// One untimed warm-up run, then `repeats` timed runs; returns the sorted times in seconds.
+/// One untimed warm-up run, then `repeats` timed runs, each ended by a synchronisation of
+/// `device` (GPU work is asynchronous); returns the sorted times in seconds.
 pub(crate) fn time_runs(
     repeats: usize,
+    device: &Device,
     mut f: impl FnMut() -> candle_core::Result<()>,
 ) -> Result<Vec<f64>, BenchError> {
     f()?;
+    device.synchronize()?;
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
         let start = Instant::now();
         f()?;
+        device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -527,9 +606,10 @@ mod tests {
 
     #[test]
     fn random_weights_are_deterministic_and_scaled() -> candle_core::Result<()> {
-        let vb = random_vb(7);
+        let opts = BenchOptions::default();
+        let vb = random_vb(7, &opts);
         let a = vb.get((64, 256), "a.weight")?;
-        let a2 = random_vb(7).get((64, 256), "a.weight")?;
+        let a2 = random_vb(7, &opts).get((64, 256), "a.weight")?;
         let diff = (&a - &a2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         let var = a.sqr()?.mean_all()?.to_scalar::<f32>()?;

@@ -24,11 +24,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         DtypeArg::F16 => DType::F16,
         DtypeArg::Bf16 => DType::BF16,
     };
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!(
-            "--dtype bf16 needs a GPU: candle has no bf16 matrix multiply on CPU (use f32 or f16)"
-        );
-    }
+    crate::models::check_precision(dtype, &device).map_err(|e| anyhow::anyhow!("--dtype {e}"))?;
     if !args
         .out
         .extension()

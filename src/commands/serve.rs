@@ -111,10 +111,9 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         DtypeArg::F16 => DType::F16,
         DtypeArg::Bf16 => DType::BF16,
     });
-    if dtype == Some(DType::BF16) && device.is_cpu() {
-        bail!(
-            "--dtype bf16 needs a GPU: candle has no bf16 matrix multiply on CPU (use f32 or f16)"
-        );
+    if let Some(dtype) = dtype {
+        crate::models::check_precision(dtype, &device)
+            .map_err(|e| anyhow::anyhow!("--dtype {e}"))?;
     }
     Ok(ServeSettings {
         config: args.config.clone(),
@@ -177,5 +176,18 @@ mod tests {
         assert!(!format!("{s:?}").contains("k2"));
         assert_eq!(s.database_url, "sqlite://afa.db");
         assert_eq!(s.jobs.max_attempts, 3);
+    }
+
+    /// bf16 on the CPU is refused with the reason; f16 on the CPU is accepted.
+    #[test]
+    fn bf16_is_refused_on_the_cpu() {
+        let args = |dtype: &str| {
+            T::try_parse_from(["t", "--device", "cpu", "--dtype", dtype])
+                .unwrap()
+                .serve
+        };
+        let err = settings(&args("bf16")).unwrap_err().to_string();
+        assert!(err.contains("bf16 needs a GPU"), "{err}");
+        assert_eq!(settings(&args("f16")).unwrap().dtype, Some(DType::F16));
     }
 }

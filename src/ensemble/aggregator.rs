@@ -3,7 +3,7 @@
 //! weighted sum. Built only from operations whose backward pass is correct (composed softmax
 //! over experts, the differentiable norm/attention paths of `models::nn`), so `afa train` can
 //! train it. Tensor names follow the official checkpoints (§9).
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -114,7 +114,8 @@ impl Aggregator {
     }
 
     /// The per-pixel expert weights. `features`: N tensors `[B, C, h, w]`, `temb`: `[B, T]`,
-    /// `context`: `[B, S, cross_attn_dim]` -> `[B, N, h, w]`, summing to 1 over N.
+    /// `context`: `[B, S, cross_attn_dim]` -> `[B, N, h, w]`, summing to 1 over N (f32 when the
+    /// weights are f16/bf16, else their dtype).
     pub fn weights(&self, features: &[Tensor], temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         if features.len() != self.config.num_experts {
             candle_core::bail!(
@@ -129,7 +130,11 @@ impl Aggregator {
         let h = self.res_block.forward(&h, Some(temb))?;
         let h = self.transformer.forward(&h, context)?;
         let logits = self.conv_out.forward(&h)?;
-        candle_nn::ops::softmax(&logits, 1)
+        match logits.dtype() {
+            // Half precision: the softmax (max, exp, sum) in f32; the map stays f32.
+            DType::F16 | DType::BF16 => candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, 1),
+            _ => candle_nn::ops::softmax(&logits, 1),
+        }
     }
 
     /// Aggregates: `features` N x `[B, C, h, w]` -> (`[B, C, h, w]`, map `[B, N, h, w]`).

@@ -21,6 +21,20 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Whether weights in `dtype` can run on `device`: bf16 is refused on the CPU, where candle 0.11
+/// has no bf16 matrix multiply (f16 runs there; bf16 runs on CUDA).
+pub fn check_precision(
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<(), String> {
+    if dtype == candle_core::DType::BF16 && device.is_cpu() {
+        return Err(
+            "bf16 needs a GPU: candle has no bf16 matrix multiply on CPU (use f32 or f16)".into(),
+        );
+    }
+    Ok(())
+}
+
 /// One Stable Diffusion model's denoising half: its text encoder and UNet.
 #[derive(Debug, Clone)]
 pub struct SingleUNet {

@@ -7,7 +7,7 @@
 //! with SiLU, GEGLU) live in `fast`; they run only for f32 CPU tensors that track no gradient.
 //! Convolutions and linear layers whose weights are constants (frozen members) but whose input
 //! tracks gradients go through `frozen`, whose backward computes the input gradient only.
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 mod fast;
@@ -268,10 +268,58 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     value * gate.gelu_erf()?
 }
 
-/// Upper bound on the number of attention scores materialised at once, per sample.
+/// Upper bound on the number of attention scores materialised at once, per sample, on the CPU
+/// (and the least any device gets).
 const ATTENTION_SCORE_BUDGET: usize = 1 << 24;
 
-/// Scaled dot-product attention over heads. For long sequences it runs one sample at a time,
+/// Bytes one attention score may cost while it exists: the f32 scores, their softmax, and the
+/// half-precision copies on either side of the f32 softmax, with room to spare.
+const BYTES_PER_SCORE: usize = 16;
+
+/// The share of a GPU's free memory (at its first attention call) that scores may use.
+const FREE_MEMORY_SHARE: usize = 4;
+
+/// The score budget of an accelerator with `free` bytes free: a quarter of them at
+/// [`BYTES_PER_SCORE`], never below the CPU budget.
+fn budget_from_free_memory(free: usize) -> usize {
+    (free / FREE_MEMORY_SHARE / BYTES_PER_SCORE).max(ATTENTION_SCORE_BUDGET)
+}
+
+/// The score budget on `device`: the CPU constant on the CPU (its results are bit-identical
+/// whatever the machine); on CUDA chosen once per GPU from its free memory at the first
+/// attention call (weights already resident), so SD1.5 at 512 px runs its 4096-token
+/// self-attention unsliced on a large GPU and sliced on a small one.
+fn score_budget(device: &Device) -> usize {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() else {
+        return ATTENTION_SCORE_BUDGET;
+    };
+    static BUDGETS: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
+    let mut budgets = BUDGETS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *budgets.entry(gpu_id).or_insert_with(|| {
+        free_memory(device).map_or(ATTENTION_SCORE_BUDGET, budget_from_free_memory)
+    })
+}
+
+/// Free memory of a CUDA device in bytes (None elsewhere or when the driver cannot tell).
+#[cfg(feature = "cuda")]
+fn free_memory(device: &Device) -> Option<usize> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some(free)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn free_memory(_device: &Device) -> Option<usize> {
+    None
+}
+
+/// Scaled dot-product attention over heads. For long sequences (more scores than the device's
+/// budget, see `score_budget`) it runs one sample at a time,
 /// in slices of queries, so that the score matrix of all heads is never allocated at once. The
 /// slicing depends on the per-sample shape only, never on the batch size, so a sample's result
 /// is the same bits whatever else shares the batch.
@@ -283,7 +331,7 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    attention_within(q, k, v, scale, ATTENTION_SCORE_BUDGET)
+    attention_within(q, k, v, scale, score_budget(q.device()))
 }
 
 /// `scaled_dot_product_attention` with at most `budget` scores per sample at once.
@@ -448,6 +496,19 @@ mod tests {
             bits(&one(&lin.forward(&rows)?)?)
         );
         Ok(())
+    }
+
+    /// The CPU keeps its constant budget (bit-identical results); a GPU's budget follows its
+    /// free memory and is never below the CPU's.
+    #[test]
+    fn score_budget_is_constant_on_the_cpu_and_follows_free_gpu_memory() {
+        assert_eq!(score_budget(&Device::Cpu), ATTENTION_SCORE_BUDGET);
+        assert_eq!(budget_from_free_memory(0), ATTENTION_SCORE_BUDGET);
+        // 100 GiB free: SD1.5's 4096x4096 self-attention, 8 heads, batch 8 (4 images with
+        // CFG), fits unsliced.
+        let big = budget_from_free_memory(100 << 30);
+        assert!(big >= 8 * 8 * 4096 * 4096, "{big}");
+        assert!(budget_from_free_memory(200 << 30) > big);
     }
 
     /// The modules' frozen path (constant weights, tracked input) gives the same output and

@@ -5,7 +5,7 @@
 //! Latent convention: `encode` returns the distribution of the *unscaled* latent `z`, and
 //! `decode` takes an unscaled `z`. The diffusion model works on `(z - shift) * scaling_factor`;
 //! use [`AutoencoderKL::scale_latents`] / [`AutoencoderKL::unscale_latents`] to convert.
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -419,6 +419,7 @@ pub struct AutoencoderKL {
     decoder: Decoder,
     config: VaeConfig,
     dtype: DType,
+    device: Device,
 }
 
 impl AutoencoderKL {
@@ -458,12 +459,18 @@ impl AutoencoderKL {
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             config: cfg.clone(),
             dtype: vb.dtype(),
+            device: vb.device().clone(),
         })
     }
 
     /// Dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The config the model was built from.

@@ -161,6 +161,8 @@ impl RegistryEngine {
                 Precision::F16 => DType::F16,
                 Precision::Bf16 => DType::BF16,
             });
+            crate::models::check_precision(dtype, device)
+                .map_err(|e| format!("ensemble '{}': dtype {e}", entry.name))?;
             let options = EnsembleLoadOptions {
                 dtype,
                 device: device.clone(),

@@ -15,11 +15,68 @@ pub fn npy(path: impl AsRef<Path>) -> Tensor {
         .unwrap()
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// The device the parity tests run on: `AFA_TEST_DEVICE` = `cpu` (default), `cuda` or `cuda:N`
+/// (needs a build with `--features cuda`). Tests that promise bit-exact CPU behaviour ignore it.
+pub fn device() -> Device {
+    match std::env::var("AFA_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok(d) => {
+            let ordinal = d
+                .strip_prefix("cuda")
+                .map(|r| r.trim_start_matches(':'))
+                .and_then(|r| {
+                    if r.is_empty() {
+                        Some(0)
+                    } else {
+                        r.parse().ok()
+                    }
+                })
+                .unwrap_or_else(|| panic!("AFA_TEST_DEVICE={d}: expected cpu, cuda or cuda:N"));
+            Device::new_cuda(ordinal).unwrap_or_else(|e| panic!("AFA_TEST_DEVICE={d}: {e}"))
+        }
+    }
+}
+
+/// The weight precision of the parity tests: `AFA_TEST_DTYPE` = `f32` (default), `f16` or `bf16`
+/// (bf16 only on a GPU: candle has no CPU bf16 matmul).
+pub fn dtype() -> DType {
+    match std::env::var("AFA_TEST_DTYPE").as_deref() {
+        Err(_) | Ok("") | Ok("f32") => DType::F32,
+        Ok("f16") => DType::F16,
+        Ok("bf16") => DType::BF16,
+        Ok(d) => panic!("AFA_TEST_DTYPE={d}: expected f32, f16 or bf16"),
+    }
+}
+
+/// A parity bound: `f32` where the tests run in f32 (on any device: the same tolerances as on
+/// the CPU), the documented looser `f16` one in half precision, and 8x that in bf16 (3 fewer
+/// mantissa bits). The half bounds are ~4x what f16 measured on the CPU (docs/engine.md).
+pub fn bound(f32: f32, f16: f32) -> f32 {
+    match dtype() {
+        DType::F16 => f16,
+        DType::BF16 => 8.0 * f16,
+        _ => f32,
+    }
+}
+
+/// A fixture (CPU, f32) on the test device, in the test dtype.
+pub fn on_test_device(t: &Tensor) -> Tensor {
+    t.to_device(&device()).unwrap().to_dtype(dtype()).unwrap()
+}
+
+/// Largest absolute difference between two tensors of the same shape (any devices/dtypes).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     (a - b)
         .unwrap()
         .abs()

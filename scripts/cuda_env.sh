@@ -1,0 +1,89 @@
+# shellcheck shell=bash
+# Source me: puts a CUDA toolkit for building candle's kernels on PATH, from PyPI wheels, without a GPU.
+#
+#   source scripts/cuda_env.sh        # sets CUDA_HOME/CUDA_PATH/CUDA_ROOT, PATH, CUDA_COMPUTE_CAP, CUDARC_CUDA_VERSION
+#
+# The wheels (nvcc, nvvm, crt headers, cudart headers, CCCL; ~130 MB) go into a venv OUTSIDE the
+# clone, $AFA_CUDA_CACHE/venv (default /var/cache/afa-cuda, else ~/.cache/afa-cuda), reused across
+# runs and recreated when broken or when the pins below change. They install one tree,
+# site-packages/nvidia/cu13/{bin,include,lib,nvvm}, which is what CUDA_HOME points at.
+#
+# If a real toolkit is already there (CUDA_HOME set, or nvcc on PATH, or /usr/local/cuda/bin/nvcc)
+# and AFA_CUDA_FROM_WHEELS is not 1, that one is used instead and nothing is installed.
+#
+# Pins: cudarc 0.19 (candle 0.11) knows CUDA versions up to 13.4 and panics on newer nvcc, so the
+# toolkit is pinned to 13.4.92 and CUDARC_CUDA_VERSION says 13040 either way.
+# Extra wheels for a runtime (cuBLAS, cuRAND, NVRTC, for running on a GPU machine):
+# AFA_CUDA_RUNTIME_WHEELS=1.
+
+AFA_CUDA_PINS=(
+  "nvidia-cuda-nvcc==13.4.92"
+  "nvidia-nvvm==13.4.92"
+  "nvidia-cuda-crt==13.4.92"
+  "nvidia-cuda-runtime==13.4.92"
+  "nvidia-cuda-cccl==13.3.4.3.1"
+)
+AFA_CUDA_RUNTIME_PINS=(
+  "nvidia-cublas==13.4.3.11"
+  "nvidia-curand==10.4.4.72"
+  "nvidia-cuda-nvrtc==13.4.92"
+)
+
+afa_cuda_cache_dir() {
+  if [ -n "${AFA_CUDA_CACHE:-}" ]; then
+    echo "$AFA_CUDA_CACHE"
+  elif mkdir -p /var/cache/afa-cuda 2>/dev/null && [ -w /var/cache/afa-cuda ]; then
+    echo /var/cache/afa-cuda
+  else
+    echo "${XDG_CACHE_HOME:-$HOME/.cache}/afa-cuda"
+  fi
+}
+
+afa_cuda_from_wheels() {
+  local cache venv pins marker want tree
+  cache="$(afa_cuda_cache_dir)"
+  venv="$cache/venv"
+  marker="$venv/.afa-pins"
+  pins=("${AFA_CUDA_PINS[@]}")
+  if [ "${AFA_CUDA_RUNTIME_WHEELS:-0}" = 1 ]; then pins+=("${AFA_CUDA_RUNTIME_PINS[@]}"); fi
+  want="$(printf '%s\n' "${pins[@]}")"
+  mkdir -p "$cache"
+  # Reuse the venv only when its python runs, the pins are the same, and nvcc answers.
+  if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys' 2>/dev/null \
+      && [ "$(cat "$marker" 2>/dev/null)" = "$want" ] \
+      && "$venv"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc --version >/dev/null 2>&1; }; then
+    echo "cuda_env: (re)creating $venv with ${pins[*]}" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" || return 1
+    "$venv/bin/pip" install -q --disable-pip-version-check "${pins[@]}" >&2 || return 1
+    printf '%s\n' "${pins[@]}" >"$marker"
+  fi
+  tree="$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13)"
+  [ -x "$tree/bin/nvcc" ] || { echo "cuda_env: no nvcc under $tree" >&2; return 1; }
+  export CUDA_HOME="$tree" CUDA_PATH="$tree" CUDA_ROOT="$tree"
+  export PATH="$tree/bin:$PATH"
+  # cudarc's build script looks for libraries under CUDA_HOME/lib64 too; the wheels' are in lib.
+  export LD_LIBRARY_PATH="$tree/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+afa_cuda_env() {
+  if [ "${AFA_CUDA_FROM_WHEELS:-0}" != 1 ]; then
+    if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+      export PATH="$CUDA_HOME/bin:$PATH"
+    elif command -v nvcc >/dev/null 2>&1; then
+      CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc)")")"; export CUDA_HOME
+    elif [ -x /usr/local/cuda/bin/nvcc ]; then
+      export CUDA_HOME=/usr/local/cuda PATH="/usr/local/cuda/bin:$PATH"
+    else
+      afa_cuda_from_wheels || return 1
+    fi
+  else
+    afa_cuda_from_wheels || return 1
+  fi
+  export CUDA_PATH="${CUDA_PATH:-$CUDA_HOME}" CUDA_ROOT="${CUDA_ROOT:-$CUDA_HOME}"
+  # H100/H200 by default; the kernels are compiled for this one architecture.
+  export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+  # cudarc 0.19 picks its bindings from nvcc's version and knows up to 13.4.
+  export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13040}"
+  echo "cuda_env: CUDA_HOME=$CUDA_HOME ($(nvcc --version | tail -2 | head -1)), compute cap $CUDA_COMPUTE_CAP" >&2
+}
