@@ -188,8 +188,11 @@ fn declared_ensemble_writes_maps_and_every_mode_runs() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tiny-a"));
+    // A single model has no maps (with no --model at all, the embedded ensemble runs).
     let no_maps = afa(&[
         "generate",
+        "--model",
+        "tests/fixtures/tiny-sd",
         "--prompt",
         "x",
         "--maps",
