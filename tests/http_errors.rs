@@ -394,7 +394,7 @@ async fn every_bad_request_gets_the_envelope() {
 #[tokio::test]
 async fn probes_and_metrics_need_no_key_but_generation_does() {
     let s = server();
-    for path in ["/health", "/ready", "/metrics"] {
+    for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
         assert_eq!(
             reqwest::get(s.url(path)).await.unwrap().status(),
             200,
@@ -410,4 +410,27 @@ async fn probes_and_metrics_need_no_key_but_generation_does() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_key_and_linked_from_info() {
+    let s = server();
+    let r = reqwest::get(s.url("/openapi.json")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let doc: serde_json::Value = r.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in ["/generate", "/v1/images/generations", "/v1/jobs", "/info"] {
+        assert!(doc["paths"][path].is_object(), "{path}");
+    }
+    let info: serde_json::Value = reqwest::Client::new()
+        .get(s.url("/info"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["openapi"], "/openapi.json");
 }

@@ -144,7 +144,11 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
             warnings,
         } => {
             let (v, id, w) = (run.validated.clone(), request_id.clone(), warnings.clone());
-            match render_blocking(move || native_json(&output, &v, &id, &w)).await {
+            let rendered = render_blocking(move || {
+                let body = native_json(&output, &v, &id, &w)?;
+                serde_json::to_value(body).map_err(|e| ApiError::Internal(e.to_string()))
+            });
+            match rendered.await {
                 Ok(body) => vec![event("result", &body)],
                 Err(e) => vec![error_event(&e)],
             }

@@ -7,6 +7,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+#[allow(unused_imports)]
+use super::schema::ErrorEnvelope;
 use crate::web::{self, Asset};
 
 /// Only this origin's scripts, styles and API; images also from `data:`/`blob:` URLs (the page
@@ -39,12 +41,21 @@ fn respond(a: Asset) -> Response {
     r
 }
 
-/// `GET /`: the page.
+/// `GET /`: the playground page (no key needed).
+#[utoipa::path(get, path = "/", tag = "playground", responses(
+    (status = 200, description = "The page", content_type = "text/html", body = String)))]
 pub async fn index() -> Response {
     respond(web::INDEX)
 }
 
-/// `GET /ui/{name}`: one asset, or 404.
+/// `GET /ui/{name}`: one asset of the page (no key needed), or 404.
+#[utoipa::path(get, path = "/ui/{name}", tag = "playground",
+    params(("name" = String, Path, description = "The asset's file name")),
+    responses(
+    (status = 200, description = "The asset", content(
+        (String = "text/javascript"), (String = "text/css"), (String = "text/html"))),
+        (status = 404, description = "No such asset", body = ErrorEnvelope),
+))]
 pub async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
     web::asset(&name)
         .map(respond)
