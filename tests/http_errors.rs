@@ -434,3 +434,37 @@ async fn the_openapi_document_is_served_without_a_key_and_linked_from_info() {
         .unwrap();
     assert_eq!(info["openapi"], "/openapi.json");
 }
+
+/// Found while fuzzing the API: a path segment that is not UTF-8 once percent-decoded got
+/// axum's plain-text 400 ("Invalid URL: ...") instead of the error envelope.
+#[tokio::test]
+async fn malformed_path_segments_get_the_envelope() {
+    let s = server();
+    let client = reqwest::Client::new();
+    for path in [
+        "/v1/jobs/%FF",
+        "/v1/jobs/%FF/events",
+        "/v1/jobs/%C3%28/images/0",
+        "/v1/jobs/%FF/images/0/maps",
+        "/v1/models/%FF",
+        "/ui/%FF",
+    ] {
+        let r = client
+            .get(s.url(path))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        let (status, param, _) = envelope(r).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(param.is_some(), "{path}");
+    }
+    let r = client
+        .delete(s.url("/v1/jobs/%FF"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(envelope(r).await.0, 400);
+}

@@ -8,6 +8,10 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::schema::{
+    JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiProgressData, ProgressData,
+    QueuedData, event_stream_schema,
+};
 use super::{generate, jobs, ops, ui};
 
 /// Where the document is served (also named by `/info`'s `openapi`).
@@ -45,6 +49,14 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
         ui::asset,
         openapi_json,
     ),
+    components(schemas(
+        QueuedData,
+        ProgressData,
+        JobQueuedData,
+        JobProgressData,
+        OpenAiProgressData,
+        OpenAiCompletedData,
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "native", description = "POST /generate and its event streams"),
@@ -63,6 +75,11 @@ impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         openapi.info.version = env!("CARGO_PKG_VERSION").into();
         let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, events) in super::schema::EVENT_STREAMS {
+            components
+                .schemas
+                .insert(name.to_string(), event_stream_schema(events).into());
+        }
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
@@ -198,7 +215,7 @@ mod tests {
         );
         assert_eq!(
             error_statuses(&doc, "delete", "/v1/jobs/{id}"),
-            [401, 404, 409, 500]
+            [400, 401, 404, 409, 500]
         );
         // Every operation a key guards documents 401; the open ones do not.
         for (method, path) in ROUTES {

@@ -139,7 +139,7 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
         (status = 200, description = "The images", content(
             (NativeResponse = "application/json"),
             (PngFile = "image/png"),
-            (String = "text/event-stream"),
+            (ref("#/components/schemas/NativeStreamEvent") = "text/event-stream"),
         ), headers(
             ("x-seed" = u64, description = "The seed (image/png answers)"),
             ("server-timing" = String, description = "Stage timings (image/png answers)"),
@@ -186,7 +186,7 @@ struct Answer {
     operation_id = "native_stream_post",
     request_body = NativeRequest,
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/NativeStreamEvent")),
         (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
@@ -220,7 +220,7 @@ pub async fn native_stream_post(
     operation_id = "native_stream_get",
     params(NativeQuery),
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/NativeStreamEvent")),
         (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
@@ -301,7 +301,7 @@ fn png_response(output: &JobOutput) -> Response {
     responses(
         (status = 200, description = "The images", content(
             (OpenAiImagesResponse = "application/json"),
-            (String = "text/event-stream"),
+            (ref("#/components/schemas/OpenAiStreamEvent") = "text/event-stream"),
         )),
         (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,13 +17,15 @@ use futures_util::stream;
 use serde_json::{Value, json};
 
 use super::ApiState;
+use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
 use super::dispatch::{JobService, resolved_params};
 use super::error::ApiError;
 use super::middleware::Caller;
 use super::request::{NativeRequest, Validated, validate};
 use super::schema::{
-    ErrorEnvelope, JobErrorInfo, JobImage, JobProgress, JobView, MapsBundle, PngFile,
+    ErrorEnvelope, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData, JobView,
+    MapsBundle, PngFile,
 };
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
 
@@ -272,6 +274,7 @@ pub(super) async fn job_view(
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job", body = JobView),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
         (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
@@ -281,7 +284,7 @@ pub(super) async fn job_view(
 pub async fn get(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     Ok(axum::Json(job_view(&state, service(&state)?, &row).await?))
@@ -328,6 +331,7 @@ async fn artifact(
     params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
     responses(
         (status = 200, description = "The PNG", content_type = "image/png", body = PngFile),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
         (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
@@ -337,7 +341,7 @@ async fn artifact(
 pub async fn image(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path((id, k)): Path<(String, String)>,
+    ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let bytes = artifact(&state, &caller, (&id, &k), "png").await?;
     Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
@@ -352,6 +356,7 @@ pub async fn image(
     params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
     responses(
         (status = 200, description = "The maps of image k", body = MapsBundle),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
         (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
@@ -361,7 +366,7 @@ pub async fn image(
 pub async fn maps(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path((id, k)): Path<(String, String)>,
+    ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let bytes = artifact(&state, &caller, (&id, &k), "maps").await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
@@ -376,6 +381,7 @@ pub async fn maps(
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job, cancelled", body = JobView),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
         (status = 409, description = "The job already finished", body = ErrorEnvelope),
@@ -386,7 +392,7 @@ pub async fn maps(
 pub async fn cancel(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let jobs = service(&state)?;
@@ -454,15 +460,19 @@ impl Follow {
         self.last = Some((position, step));
         match (row.status, position) {
             (JobStatus::Queued, p) | (JobStatus::Running, p @ Some(_)) => {
-                vec![event(
-                    "queued",
-                    &json!({"status": row.status.as_str(), "position": p}),
-                )]
+                let data = JobQueuedData {
+                    status: row.status.as_str().into(),
+                    position: p,
+                };
+                vec![event("queued", &json!(data))]
             }
             _ => {
-                let total = view.progress.as_ref().map(|p| p.total);
-                let data = json!({"status": "running", "step": step, "total": total});
-                vec![event("progress", &data)]
+                let data = JobProgressData {
+                    status: "running".into(),
+                    step,
+                    total: view.progress.as_ref().map(|p| p.total),
+                };
+                vec![event("progress", &json!(data))]
             }
         }
     }
@@ -491,7 +501,8 @@ impl Follow {
     operation_id = "job_events",
     params(("id" = String, Path, description = "The job id")),
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/JobStreamEvent")),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
         (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
@@ -501,7 +512,7 @@ impl Follow {
 pub async fn events(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let keep_alive = state.config.keep_alive;

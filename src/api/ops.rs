@@ -1,11 +1,12 @@
 //! Operational routes: `/health` (alive), `/ready` (loaded, warmed up, not draining), `/info`
 //! (what is served, said plainly when weights are untrained), `/metrics` (Prometheus text),
 //! `/v1/models[/{id}]`, and the error answers for unknown routes and methods.
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
+use super::body::ApiPath;
 use super::error::ApiError;
 use super::openai::{model_object, models_list};
 use super::schema::{
@@ -172,6 +173,7 @@ pub async fn models(State(state): State<ApiState>) -> Result<axum::Json<ModelLis
     params(("id" = String, Path, description = "The ensemble name")),
     responses(
     (status = 200, description = "The ensemble", body = ModelObject),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
         (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
         (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
         (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
@@ -181,7 +183,7 @@ pub async fn models(State(state): State<ApiState>) -> Result<axum::Json<ModelLis
 )]
 pub async fn model(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ModelObject>, ApiError> {
     let c = state.ready_catalog()?;
     model_object(&c, &id)

@@ -438,3 +438,138 @@ pub enum Style {
     Vivid,
     Natural,
 }
+
+/// `queued` event of the native streams.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct QueuedData {
+    /// Images ahead of this request.
+    pub position: usize,
+}
+
+/// `progress` event of the native streams.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProgressData {
+    pub step: usize,
+    pub total: usize,
+}
+
+/// `queued` event of a job's stream.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobQueuedData {
+    #[schema(value_type = JobStatusName)]
+    pub status: String,
+    #[schema(required = true)]
+    pub position: Option<usize>,
+}
+
+/// `progress` event of a job's stream.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobProgressData {
+    /// Always `running`.
+    pub status: String,
+    pub step: usize,
+    #[schema(required = true)]
+    pub total: Option<usize>,
+}
+
+/// `image_generation.progress` event of the OpenAI stream.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiProgressData {
+    /// Always `image_generation.progress`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[schema(required = true)]
+    pub queue_position: Option<usize>,
+    pub step: usize,
+    pub total: usize,
+}
+
+/// `image_generation.completed` event of the OpenAI stream (one per image; no `usage`: a
+/// diffusion model counts no tokens).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiCompletedData {
+    /// Always `image_generation.completed`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub b64_json: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub size: String,
+    pub quality: String,
+    /// Always `opaque`.
+    pub background: String,
+    /// Always `png`.
+    pub output_format: String,
+    pub index: usize,
+    pub seed: u64,
+    pub warnings: Vec<String>,
+}
+
+/// The event-stream schemas (OpenAPI 3.1 describes a `text/event-stream` by one event:
+/// `event` names it, `data` is JSON of the named schema), as `(component, [(event, data)])`.
+pub const EVENT_STREAMS: [(&str, &[(&str, &[&str])]); 3] = [
+    (
+        "NativeStreamEvent",
+        &[
+            ("queued", &["QueuedData"]),
+            ("progress", &["ProgressData"]),
+            ("result", &["NativeResponse"]),
+            ("error", &["ErrorEnvelope"]),
+        ],
+    ),
+    (
+        "OpenAiStreamEvent",
+        &[
+            ("image_generation.progress", &["OpenAiProgressData"]),
+            ("image_generation.completed", &["OpenAiCompletedData"]),
+            ("error", &["ErrorEnvelope"]),
+        ],
+    ),
+    (
+        "JobStreamEvent",
+        &[
+            ("queued", &["JobQueuedData"]),
+            ("progress", &["JobProgressData"]),
+            ("result", &["JobView"]),
+            // A failed or cancelled job's view, or the envelope when the job vanished.
+            ("error", &["JobView", "ErrorEnvelope"]),
+        ],
+    ),
+];
+
+/// The schema of one event of a stream in [`EVENT_STREAMS`].
+pub fn event_stream_schema(events: &[(&str, &[&str])]) -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, OneOfBuilder, Type};
+    use utoipa::openapi::{Ref, RefOr};
+    let mut one_of = OneOfBuilder::new();
+    for (name, data) in events {
+        let content: RefOr<utoipa::openapi::Schema> = match data {
+            [one] => Ref::from_schema_name(*one).into(),
+            many => {
+                let mut any = AnyOfBuilder::new();
+                for d in many.iter() {
+                    any = any.item(Ref::from_schema_name(*d));
+                }
+                utoipa::openapi::Schema::AnyOf(any.build()).into()
+            }
+        };
+        let event = ObjectBuilder::new()
+            .property(
+                "event",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([*name])),
+            )
+            .property(
+                "data",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .content_media_type("application/json")
+                    .content_schema(Some(content)),
+            )
+            .required("event")
+            .required("data");
+        one_of = one_of.item(event);
+    }
+    one_of.build().into()
+}
