@@ -384,7 +384,7 @@ fn json_bodies_hostile_inputs_are_400s() {
             "[".repeat(100_000),
             "]".repeat(100_000)
         ),
-        format!("{}", "{".repeat(100_000)),
+        "{".repeat(100_000).to_string(),
         r#"{"prompt":"a","seed":1e400}"#.into(),
         r#"{"prompt":"a","seed":18446744073709551616}"#.into(),
         r#"{"prompt":"a","n":-1}"#.into(),

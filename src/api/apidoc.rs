@@ -249,25 +249,25 @@ mod tests {
             let name = r.trim_start_matches("#/components/schemas/");
             return valid(doc, &doc["components"]["schemas"][name], v);
         }
-        if let Some(one) = schema.get("oneOf").and_then(Value::as_array) {
-            if one.iter().filter(|s| valid(doc, s, v)).count() != 1 {
-                return false;
-            }
+        if let Some(one) = schema.get("oneOf").and_then(Value::as_array)
+            && one.iter().filter(|s| valid(doc, s, v)).count() != 1
+        {
+            return false;
         }
-        if let Some(any) = schema.get("anyOf").and_then(Value::as_array) {
-            if !any.iter().any(|s| valid(doc, s, v)) {
-                return false;
-            }
+        if let Some(any) = schema.get("anyOf").and_then(Value::as_array)
+            && !any.iter().any(|s| valid(doc, s, v))
+        {
+            return false;
         }
-        if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
-            if !all.iter().all(|s| valid(doc, s, v)) {
-                return false;
-            }
+        if let Some(all) = schema.get("allOf").and_then(Value::as_array)
+            && !all.iter().all(|s| valid(doc, s, v))
+        {
+            return false;
         }
-        if let Some(e) = schema.get("enum").and_then(Value::as_array) {
-            if !e.contains(v) {
-                return false;
-            }
+        if let Some(e) = schema.get("enum").and_then(Value::as_array)
+            && !e.contains(v)
+        {
+            return false;
         }
         if let Some(t) = schema.get("type") {
             let types: Vec<&str> = match t {
@@ -306,37 +306,32 @@ mod tests {
             {
                 return false;
             }
-            if let Some(p) = schema.get("pattern").and_then(Value::as_str) {
-                if !regex::Regex::new(p).unwrap().is_match(s) {
-                    return false;
-                }
+            if let Some(p) = schema.get("pattern").and_then(Value::as_str)
+                && !regex::Regex::new(p).unwrap().is_match(s)
+            {
+                return false;
             }
         }
-        if let Some(a) = v.as_array() {
-            if let Some(items) = schema.get("items") {
-                if !a.iter().all(|x| valid(doc, items, x)) {
-                    return false;
-                }
-            }
+        if let Some(a) = v.as_array()
+            && let Some(items) = schema.get("items")
+            && !a.iter().all(|x| valid(doc, items, x))
+        {
+            return false;
         }
         if let Some(o) = v.as_object() {
             let props = schema.get("properties").and_then(Value::as_object);
-            if let Some(req) = schema.get("required").and_then(Value::as_array) {
-                if !req.iter().all(|k| o.contains_key(k.as_str().unwrap())) {
-                    return false;
-                }
+            if let Some(req) = schema.get("required").and_then(Value::as_array)
+                && !req.iter().all(|k| o.contains_key(k.as_str().unwrap()))
+            {
+                return false;
             }
             for (k, x) in o {
-                match props.and_then(|p| p.get(k)) {
-                    Some(s) => {
-                        if !valid(doc, s, x) {
-                            return false;
-                        }
-                    }
-                    None if schema.get("additionalProperties") == Some(&json!(false)) => {
-                        return false;
-                    }
-                    None => {}
+                let ok = match props.and_then(|p| p.get(k)) {
+                    Some(s) => valid(doc, s, x),
+                    None => schema.get("additionalProperties") != Some(&json!(false)),
+                };
+                if !ok {
+                    return false;
                 }
             }
         }

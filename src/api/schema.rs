@@ -505,9 +505,12 @@ pub struct OpenAiCompletedData {
     pub warnings: Vec<String>,
 }
 
+/// The events of one stream: `(event name, the schemas its data may have)`.
+pub type StreamEvents = &'static [(&'static str, &'static [&'static str])];
+
 /// The event-stream schemas (OpenAPI 3.1 describes a `text/event-stream` by one event:
 /// `event` names it, `data` is JSON of the named schema), as `(component, [(event, data)])`.
-pub const EVENT_STREAMS: [(&str, &[(&str, &[&str])]); 3] = [
+pub const EVENT_STREAMS: [(&str, StreamEvents); 3] = [
     (
         "NativeStreamEvent",
         &[
