@@ -394,7 +394,7 @@ async fn every_bad_request_gets_the_envelope() {
 #[tokio::test]
 async fn probes_and_metrics_need_no_key_but_generation_does() {
     let s = server();
-    for path in ["/health", "/ready", "/metrics"] {
+    for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
         assert_eq!(
             reqwest::get(s.url(path)).await.unwrap().status(),
             200,
@@ -410,4 +410,61 @@ async fn probes_and_metrics_need_no_key_but_generation_does() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_key_and_linked_from_info() {
+    let s = server();
+    let r = reqwest::get(s.url("/openapi.json")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let doc: serde_json::Value = r.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in ["/generate", "/v1/images/generations", "/v1/jobs", "/info"] {
+        assert!(doc["paths"][path].is_object(), "{path}");
+    }
+    let info: serde_json::Value = reqwest::Client::new()
+        .get(s.url("/info"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["openapi"], "/openapi.json");
+}
+
+/// Found while fuzzing the API: a path segment that is not UTF-8 once percent-decoded got
+/// axum's plain-text 400 ("Invalid URL: ...") instead of the error envelope.
+#[tokio::test]
+async fn malformed_path_segments_get_the_envelope() {
+    let s = server();
+    let client = reqwest::Client::new();
+    for path in [
+        "/v1/jobs/%FF",
+        "/v1/jobs/%FF/events",
+        "/v1/jobs/%C3%28/images/0",
+        "/v1/jobs/%FF/images/0/maps",
+        "/v1/models/%FF",
+        "/ui/%FF",
+    ] {
+        let r = client
+            .get(s.url(path))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        let (status, param, _) = envelope(r).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(param.is_some(), "{path}");
+    }
+    let r = client
+        .delete(s.url("/v1/jobs/%FF"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(envelope(r).await.0, 400);
 }

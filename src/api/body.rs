@@ -2,8 +2,10 @@
 //! offending field: malformed JSON, wrong types, unknown and missing fields all become a 400
 //! `ApiError` with `param` set; an oversized body becomes a 413.
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{FromRequestParts, Path};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -132,6 +134,31 @@ pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
             },
         }
     })
+}
+
+/// `axum::extract::Path`, with its rejections (a segment that is not UTF-8 once
+/// percent-decoded, ...) answered with the error envelope (400 naming the segment) instead of
+/// axum's plain-text body.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(rejection) => Err(path_error(&rejection)),
+        }
+    }
+}
+
+fn path_error(rejection: &PathRejection) -> ApiError {
+    let text = rejection.body_text();
+    ApiError::Invalid {
+        param: quoted_after(&text, "`"),
+        message: format!("invalid path: {text}"),
+    }
 }
 
 #[cfg(test)]

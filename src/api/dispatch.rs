@@ -382,16 +382,16 @@ fn artifact_files(
         });
         if let (Some(opts), Some(m)) = (maps, &img.attention_maps) {
             let rendered = render_maps(m, opts, &legend).map_err(|e| e.to_string())?;
-            let bundle = json!({
-                "index": index,
-                "seed": img.seed,
-                "experts": output.experts,
-                "attention_maps": rendered,
-            });
+            let bundle = super::schema::MapsBundle {
+                index,
+                seed: img.seed,
+                experts: output.experts.clone(),
+                attention_maps: rendered,
+            };
             files.push(ArtifactFile {
                 index,
                 kind: "maps",
-                bytes: bundle.to_string().into_bytes(),
+                bytes: serde_json::to_vec(&bundle).map_err(|e| e.to_string())?,
             });
         }
     }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use super::schema::{ErrorBody, ErrorEnvelope};
 
 use crate::worker::{JobError, SubmitError};
 
@@ -156,20 +157,27 @@ impl ApiError {
         }
     }
 
-    /// The JSON envelope.
-    pub fn body(&self) -> serde_json::Value {
+    /// The envelope, typed.
+    pub fn envelope(&self) -> ErrorEnvelope {
         let message = match self {
             ApiError::Internal(_) => {
                 "internal server error (logged with this response's x-request-id)".to_string()
             }
             other => other.to_string(),
         };
-        json!({"error": {
-            "message": message,
-            "type": self.kind(),
-            "param": self.param(),
-            "code": self.code(),
-        }})
+        ErrorEnvelope {
+            error: ErrorBody {
+                message,
+                kind: self.kind().into(),
+                param: self.param().map(str::to_string),
+                code: self.code().into(),
+            },
+        }
+    }
+
+    /// The JSON envelope.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(self.envelope()).unwrap_or_default()
     }
 
     /// Maps a worker refusal.
@@ -215,7 +223,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(%detail, "request failed");
         }
-        let mut response = (status, axum::Json(self.body())).into_response();
+        let mut response = (status, axum::Json(self.envelope())).into_response();
         let headers = response.headers_mut();
         if let Some(after) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(after)));

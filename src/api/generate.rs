@@ -20,6 +20,7 @@ use super::openai::{OpenAiImageRequest, to_native};
 use super::output::{native_json, openai_json, render_blocking, server_timing};
 use super::quota::{QuotaGuard, admit_sync};
 use super::request::{NativeQuery, NativeRequest, Validated, validate};
+use super::schema::{ErrorEnvelope, NativeResponse, OpenAiImage, OpenAiImagesResponse, PngFile};
 use super::stream::{Flavor, sse_response};
 use crate::telemetry::Metrics;
 use crate::worker::{JobEvent, JobOutput, JobTicket};
@@ -126,7 +127,34 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
         .any(|v| v.split(',').any(|part| part.trim().starts_with(mime)))
 }
 
-/// `POST /generate`.
+/// `POST /generate`: generate and answer with JSON (base64 PNGs, seeds, timings), the PNG
+/// itself (`Accept: image/png`, n = 1, no maps), or Server-Sent Events (`stream: true` or
+/// `Accept: text/event-stream`).
+#[utoipa::path(
+    post,
+    path = "/generate",
+    tag = "native",
+    request_body = NativeRequest,
+    responses(
+        (status = 200, description = "The images", content(
+            (NativeResponse = "application/json"),
+            (PngFile = "image/png"),
+            (ref("#/components/schemas/NativeStreamEvent") = "text/event-stream"),
+        ), headers(
+            ("x-seed" = u64, description = "The seed (image/png answers)"),
+            ("server-timing" = String, description = "Stage timings (image/png answers)"),
+        )),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
+        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
+        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 504, description = "The job ran past --request-timeout-s", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn native(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
@@ -149,7 +177,26 @@ struct Answer {
     png: bool,
 }
 
-/// `POST /generate/stream`: like `/generate`, answered with Server-Sent Events.
+/// `POST /generate/stream`: like `/generate`, answered with Server-Sent Events (`queued`,
+/// `progress`, then `result` with the `/generate` JSON, or `error` with the envelope).
+#[utoipa::path(
+    post,
+    path = "/generate/stream",
+    tag = "native",
+    operation_id = "native_stream_post",
+    request_body = NativeRequest,
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/NativeStreamEvent")),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
+        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
+        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn native_stream_post(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
@@ -164,7 +211,26 @@ pub async fn native_stream_post(
     run_native(state, (id, caller), req, answer).await
 }
 
-/// `GET /generate/stream?prompt=...&steps=...`: the same fields as query parameters.
+/// `GET /generate/stream?prompt=...&steps=...`: the same fields as query parameters,
+/// answered with Server-Sent Events.
+#[utoipa::path(
+    get,
+    path = "/generate/stream",
+    tag = "native",
+    operation_id = "native_stream_get",
+    params(NativeQuery),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/NativeStreamEvent")),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
+        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
+        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn native_stream_get(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
@@ -225,7 +291,29 @@ fn png_response(output: &JobOutput) -> Response {
     r
 }
 
-/// `POST /v1/images/generations`.
+/// `POST /v1/images/generations`: the OpenAI-compatible route (`b64_json` or `url` answers;
+/// `stream: true` sends `image_generation.progress` and `image_generation.completed` events).
+#[utoipa::path(
+    post,
+    path = "/v1/images/generations",
+    tag = "openai",
+    request_body = OpenAiImageRequest,
+    responses(
+        (status = 200, description = "The images", content(
+            (OpenAiImagesResponse = "application/json"),
+            (ref("#/components/schemas/OpenAiStreamEvent") = "text/event-stream"),
+        )),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
+        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
+        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 504, description = "The job ran past --request-timeout-s", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn openai(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
@@ -313,27 +401,26 @@ async fn openai_url(
         }
     }
     let base = base_url(headers);
-    let data: Vec<serde_json::Value> = row
+    let data = row
         .seeds
         .iter()
         .enumerate()
-        .map(|(k, seed)| {
-            serde_json::json!({
-                "url": format!("{base}/v1/jobs/{}/images/{k}", row.id),
-                "seed": seed,
-            })
+        .map(|(k, seed)| OpenAiImage {
+            b64_json: None,
+            url: Some(format!("{base}/v1/jobs/{}/images/{k}", row.id)),
+            seed: *seed,
         })
         .collect();
     let p = &row.params;
-    Ok(axum::Json(serde_json::json!({
-        "created": super::output::unix_now(),
-        "data": data,
-        "job_id": row.id,
-        "model": row.ensemble,
-        "output_format": "png",
-        "size": format!("{}x{}", p["width"], p["height"]),
-        "timings": row.timings,
-        "warnings": warnings,
-    }))
+    Ok(axum::Json(OpenAiImagesResponse {
+        created: super::output::unix_now(),
+        data,
+        job_id: Some(row.id.clone()),
+        model: row.ensemble.clone(),
+        output_format: "png".into(),
+        size: format!("{}x{}", p["width"], p["height"]),
+        timings: row.timings.clone().unwrap_or_default(),
+        warnings: warnings.to_vec(),
+    })
     .into_response())
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,11 +17,16 @@ use futures_util::stream;
 use serde_json::{Value, json};
 
 use super::ApiState;
+use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
 use super::dispatch::{JobService, resolved_params};
 use super::error::ApiError;
 use super::middleware::Caller;
 use super::request::{NativeRequest, Validated, validate};
+use super::schema::{
+    ErrorEnvelope, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData, JobView,
+    MapsBundle, PngFile,
+};
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
 
 /// Longest accepted `Idempotency-Key`.
@@ -128,6 +133,28 @@ pub(super) async fn submit_job(
 }
 
 /// `POST /v1/jobs`: 202 `{id, status, ...}` + `Location`.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body = NativeRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1..=255 printable ASCII characters: the same key and body answer the same job, another body 409")),
+    responses(
+        (status = 202, description = "The job, queued", body = JobView, headers(
+            ("Location" = String, description = "/v1/jobs/<id>"),
+            ("idempotent-replayed" = String, description = "`true` when an earlier job was answered"),
+        )),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model, or this server runs no job store", body = ErrorEnvelope),
+        (status = 409, description = "The Idempotency-Key was used for another request", body = ErrorEnvelope),
+        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
+        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn create(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
@@ -171,9 +198,9 @@ pub(super) async fn job_view(
     state: &ApiState,
     jobs: &JobService,
     row: &JobRow,
-) -> Result<Value, ApiError> {
+) -> Result<JobView, ApiError> {
     let mut position = None;
-    let mut progress = Value::Null;
+    let mut progress = None;
     match row.status {
         JobStatus::Queued => {
             let before = jobs
@@ -187,7 +214,10 @@ pub(super) async fn job_view(
         JobStatus::Running => {
             let live = jobs.live(&row.id).unwrap_or_default();
             position = live.position;
-            progress = json!({"step": live.step, "total": live.total});
+            progress = Some(JobProgress {
+                step: live.step,
+                total: live.total,
+            });
         }
         _ => {}
     }
@@ -195,53 +225,67 @@ pub(super) async fn job_view(
     if row.status == JobStatus::Succeeded {
         let artifacts = jobs.store.artifacts(&row.id).await.map_err(store_error)?;
         for a in artifacts.iter().filter(|a| a.kind == "png") {
-            let mut o = json!({
-                "index": a.index,
-                "seed": row.seeds.get(a.index),
-                "url": format!("/v1/jobs/{}/images/{}", row.id, a.index),
-                "sha256": a.sha256,
-                "bytes": a.bytes,
-            });
-            if artifacts
+            let has_maps = artifacts
                 .iter()
-                .any(|m| m.kind == "maps" && m.index == a.index)
-            {
-                o["attention_maps_url"] =
-                    json!(format!("/v1/jobs/{}/images/{}/maps", row.id, a.index));
-            }
-            images.push(o);
+                .any(|m| m.kind == "maps" && m.index == a.index);
+            images.push(JobImage {
+                index: a.index,
+                seed: row.seeds.get(a.index).copied(),
+                url: format!("/v1/jobs/{}/images/{}", row.id, a.index),
+                sha256: a.sha256.clone(),
+                bytes: a.bytes,
+                attention_maps_url: has_maps
+                    .then(|| format!("/v1/jobs/{}/images/{}/maps", row.id, a.index)),
+            });
         }
     }
     let ttl = jobs.config.result_ttl.as_millis() as i64;
-    Ok(json!({
-        "id": row.id,
-        "object": "job",
-        "status": row.status.as_str(),
-        "model": row.ensemble,
-        "seeds": row.seeds,
-        "parameters": row.params,
-        "queue_position": position,
-        "progress": progress,
-        "attempts": row.attempts,
-        "error": match row.status {
-            JobStatus::Failed | JobStatus::Cancelled => json!({"message": row.error}),
-            _ => Value::Null,
+    Ok(JobView {
+        id: row.id.clone(),
+        object: "job".into(),
+        status: row.status.as_str().into(),
+        model: row.ensemble.clone(),
+        seeds: row.seeds.clone(),
+        parameters: row.params.clone(),
+        queue_position: position,
+        progress,
+        attempts: row.attempts,
+        error: match row.status {
+            JobStatus::Failed | JobStatus::Cancelled => Some(JobErrorInfo {
+                message: row.error.clone(),
+            }),
+            _ => None,
         },
-        "timings": row.timings,
-        "images": images,
-        "created_at": row.created_at,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-        "expires_at": row.finished_at.map(|f| f + ttl),
-    }))
+        timings: row.timings.clone(),
+        images,
+        created_at: row.created_at,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+        expires_at: row.finished_at.map(|f| f + ttl),
+    })
 }
 
 /// `GET /v1/jobs/{id}`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    operation_id = "get_job",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn get(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<JobView>, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     Ok(axum::Json(job_view(&state, service(&state)?, &row).await?))
 }
@@ -279,31 +323,77 @@ async fn artifact(
 }
 
 /// `GET /v1/jobs/{id}/images/{k}`: the PNG.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/images/{k}",
+    tag = "jobs",
+    operation_id = "get_job_image",
+    params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
+    responses(
+        (status = 200, description = "The PNG", content_type = "image/png", body = PngFile),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn image(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path((id, k)): Path<(String, String)>,
+    ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let bytes = artifact(&state, &caller, (&id, &k), "png").await?;
     Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
 }
 
 /// `GET /v1/jobs/{id}/images/{k}/maps`: the attention-map bundle (JSON).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/images/{k}/maps",
+    tag = "jobs",
+    operation_id = "get_job_maps",
+    params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
+    responses(
+        (status = 200, description = "The maps of image k", body = MapsBundle),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn maps(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path((id, k)): Path<(String, String)>,
+    ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let bytes = artifact(&state, &caller, (&id, &k), "maps").await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued or running job (409 once it finished).
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    operation_id = "cancel_job",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The job, cancelled", body = JobView),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
+        (status = 409, description = "The job already finished", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn cancel(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<JobView>, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let jobs = service(&state)?;
     match jobs.store.cancel(&row.id).await.map_err(store_error)? {
@@ -360,25 +450,29 @@ impl Follow {
             } else {
                 "error"
             };
-            return vec![event(name, &view)];
+            return vec![event(name, &json!(view))];
         }
-        let position = view["queue_position"].as_u64().map(|p| p as usize);
-        let step = view["progress"]["step"].as_u64().unwrap_or(0) as usize;
+        let position = view.queue_position;
+        let step = view.progress.as_ref().map_or(0, |p| p.step);
         if self.last == Some((position, step)) {
             return vec![];
         }
         self.last = Some((position, step));
         match (row.status, position) {
             (JobStatus::Queued, p) | (JobStatus::Running, p @ Some(_)) => {
-                vec![event(
-                    "queued",
-                    &json!({"status": row.status.as_str(), "position": p}),
-                )]
+                let data = JobQueuedData {
+                    status: row.status.as_str().into(),
+                    position: p,
+                };
+                vec![event("queued", &json!(data))]
             }
             _ => {
-                let total = view["progress"]["total"].clone();
-                let data = json!({"status": "running", "step": step, "total": total});
-                vec![event("progress", &data)]
+                let data = JobProgressData {
+                    status: "running".into(),
+                    step,
+                    total: view.progress.as_ref().map(|p| p.total),
+                };
+                vec![event("progress", &json!(data))]
             }
         }
     }
@@ -400,10 +494,25 @@ impl Follow {
 
 /// `GET /v1/jobs/{id}/events`: `queued` and `progress` events, then `result` (the job view)
 /// or `error`, with keep-alive comments.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    operation_id = "job_events",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/JobStreamEvent")),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn events(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let keep_alive = state.config.keep_alive;

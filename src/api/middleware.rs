@@ -13,8 +13,9 @@ use super::{ApiState, GENERATION_ROUTES};
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Routes open without a key (probes and scraping; the playground's files are open too).
-const OPEN_ROUTES: [&str; 3] = ["/health", "/ready", "/metrics"];
+/// Routes open without a key (probes, scraping and the API's description; the playground's
+/// files are open too).
+const OPEN_ROUTES: [&str; 4] = ["/health", "/ready", "/metrics", super::apidoc::OPENAPI_PATH];
 
 fn acceptable_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;

@@ -3,7 +3,9 @@
 //! operations (`/health`, `/ready`, `/info`, `/metrics`), the store-backed async jobs
 //! (`/v1/jobs`, with the dispatcher that feeds them to the worker), and the middleware every
 //! route shares: `x-request-id`, bearer auth, body limit, metrics; and the playground page
-//! (`/`, `/ui/...`, files embedded from `web`). Every failure is an [`ApiError`].
+//! (`/`, `/ui/...`, files embedded from `web`); `/openapi.json` describes all of it (`apidoc`,
+//! with the answer types in `schema`). Every failure is an [`ApiError`].
+pub mod apidoc;
 pub mod body;
 pub mod dispatch;
 pub mod error;
@@ -15,6 +17,7 @@ mod ops;
 pub mod output;
 pub mod quota;
 pub mod request;
+pub mod schema;
 mod stream;
 mod ui;
 
@@ -169,6 +172,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/ready", get(ops::ready))
         .route("/info", get(ops::info))
         .route("/metrics", get(ops::metrics))
+        .route(apidoc::OPENAPI_PATH, get(apidoc::openapi_json))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

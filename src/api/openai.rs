@@ -3,35 +3,56 @@
 //! `guidance_scale`, `scheduler`, `ensemble_mode`, `return_attention_maps`) are top-level
 //! fields, which is where the official client's `extra_body` puts them.
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::request::NativeRequest;
+#[allow(unused_imports)]
+use super::schema::{MapsOption, OutputFormat, Quality, ResponseFormat, SchedulerName, Style};
+#[allow(unused_imports)]
+use super::schema::{ModelList, ModelObject};
 use crate::worker::Catalog;
 
-/// Body of `POST /v1/images/generations`. Unknown fields are rejected.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// Body of `POST /v1/images/generations`. Unknown fields are rejected. The extensions
+/// (`seed`, `negative_prompt`, `steps`, ...) are the native fields of the same names.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "tiny-afa", "prompt": "a lighthouse", "seed": 1, "steps": 4}))]
 pub struct OpenAiImageRequest {
+    /// Not empty (nor only whitespace); at most 16 KiB (UTF-8 bytes).
+    #[schema(min_length = 1, max_length = 16384)]
     pub prompt: String,
     pub model: Option<String>,
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u64>,
     /// "WxH" or "auto".
+    #[schema(pattern = "^(auto|[0-9]+x[0-9]+)$", max_length = 32)]
     pub size: Option<String>,
     /// "b64_json" (default) or "url" (the images are stored as a job; the answer links them).
+    #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<String>,
+    #[schema(value_type = Option<Quality>)]
     pub quality: Option<String>,
+    #[schema(value_type = Option<Style>)]
     pub style: Option<String>,
     /// Recorded in the log line of the request.
     pub user: Option<String>,
+    #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
+    /// Server-Sent Events (`image_generation.progress`, `image_generation.completed`).
     pub stream: Option<bool>,
     pub seed: Option<u64>,
+    #[schema(max_length = 16384)]
     pub negative_prompt: Option<String>,
+    #[schema(minimum = 1, maximum = 500)]
     pub steps: Option<u64>,
+    #[schema(minimum = 0.0, maximum = 50.0)]
     pub guidance_scale: Option<f64>,
+    #[schema(value_type = Option<SchedulerName>)]
     pub scheduler: Option<String>,
     pub ensemble_mode: Option<String>,
+    #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
 }
 
@@ -123,32 +144,33 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
 }
 
 /// `GET /v1/models` body.
-pub fn models_list(catalog: &Catalog) -> Value {
-    let data: Vec<Value> = catalog
+pub fn models_list(catalog: &Catalog) -> ModelList {
+    let data = catalog
         .ensembles
         .iter()
-        .map(|e| model_object(catalog, &e.name))
+        .filter_map(|e| model_object(catalog, &e.name))
         .collect();
-    json!({"object": "list", "data": data})
+    ModelList {
+        object: "list".into(),
+        data,
+    }
 }
 
 /// One entry of `/v1/models` (`None` for an unknown id).
-pub fn model_object(catalog: &Catalog, id: &str) -> Value {
-    match catalog.ensemble(id) {
-        Some(e) => json!({
-            "id": e.name,
-            "object": "model",
-            "created": e.created,
-            "owned_by": "afa-server",
-            "untrained": e.untrained,
-        }),
-        None => Value::Null,
-    }
+pub fn model_object(catalog: &Catalog, id: &str) -> Option<ModelObject> {
+    catalog.ensemble(id).map(|e| ModelObject {
+        id: e.name.clone(),
+        object: "model".into(),
+        created: e.created,
+        owned_by: "afa-server".into(),
+        untrained: e.untrained,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse(v: Value) -> OpenAiImageRequest {
         serde_json::from_value(v).unwrap()

@@ -1,25 +1,39 @@
 //! Operational routes: `/health` (alive), `/ready` (loaded, warmed up, not draining), `/info`
 //! (what is served, said plainly when weights are untrained), `/metrics` (Prometheus text),
 //! `/v1/models[/{id}]`, and the error answers for unknown routes and methods.
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{Uri, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
 
 use super::ApiState;
+use super::body::ApiPath;
 use super::error::ApiError;
 use super::openai::{model_object, models_list};
+use super::schema::{
+    ErrorEnvelope, Info, InfoDefaults, InfoEnsemble, InfoLimits, InfoMember, ModelList,
+    ModelObject, Status,
+};
 use crate::telemetry::WorkerGauges;
 
-/// `GET /health`: the process is alive.
-pub async fn health() -> axum::Json<Value> {
-    axum::Json(json!({"status": "ok"}))
+/// `GET /health`: the process is alive (no key needed).
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "Alive", body = Status)))]
+pub async fn health() -> axum::Json<Status> {
+    axum::Json(Status {
+        status: "ok".into(),
+    })
 }
 
-/// `GET /ready`: 200 when serving, 503 + Retry-After while loading or draining.
-pub async fn ready(State(state): State<ApiState>) -> Result<axum::Json<Value>, ApiError> {
+/// `GET /ready`: 200 when serving, 503 + Retry-After while loading or draining (no key needed).
+#[utoipa::path(get, path = "/ready", tag = "operations", responses(
+    (status = 200, description = "Serving", body = Status),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+))]
+pub async fn ready(State(state): State<ApiState>) -> Result<axum::Json<Status>, ApiError> {
     state.ready_catalog()?;
-    Ok(axum::Json(json!({"status": "ready"})))
+    Ok(axum::Json(Status {
+        status: "ready".into(),
+    }))
 }
 
 fn state_name(state: &ApiState) -> &'static str {
@@ -34,57 +48,88 @@ fn state_name(state: &ApiState) -> &'static str {
     }
 }
 
-/// `GET /info`.
-pub async fn info(State(state): State<ApiState>) -> axum::Json<Value> {
-    let mut body = json!({
-        "name": "afa-server",
-        "version": env!("CARGO_PKG_VERSION"),
-        "state": state_name(&state),
-        "server": state.config.settings,
-    });
-    if let Some(reason) = state.worker.failure() {
-        body["failure"] = json!(reason);
-    }
+const UNTRAINED_NOTE: &str = "UNTRAINED: these weights are seeded random, so every image is noise; it exists to test the server";
+
+/// `GET /info`: what is served, limits, settings, and where the OpenAPI document is.
+#[utoipa::path(get, path = "/info", tag = "operations", responses(
+    (status = 200, description = "The server", body = Info),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+),
+    security((), ("bearer" = [])),
+)]
+pub async fn info(State(state): State<ApiState>) -> axum::Json<Info> {
+    let mut body = Info {
+        name: "afa-server".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        state: state_name(&state).into(),
+        server: state.config.settings.clone(),
+        openapi: super::apidoc::OPENAPI_PATH.into(),
+        failure: state.worker.failure(),
+        device: None,
+        dtype: None,
+        default_ensemble: None,
+        limits: None,
+        ensembles: None,
+    };
     if let Some(c) = state.worker.catalog() {
         let l = &c.limits;
-        body["device"] = json!(c.device);
-        body["dtype"] = json!(c.dtype);
-        body["default_ensemble"] = json!(c.default_ensemble);
-        body["limits"] = json!({
-            "min_side": l.min_side, "max_side": l.max_side, "max_pixels": l.max_pixels,
-            "max_steps": l.max_steps, "max_guidance": l.max_guidance, "max_n": l.max_batch,
-            "max_prompt_bytes": l.max_prompt_bytes, "max_body_bytes": state.config.max_body_bytes,
-            "max_attention_map_bytes": l.max_map_bytes,
+        body.device = Some(c.device.clone());
+        body.dtype = Some(c.dtype.clone());
+        body.default_ensemble = Some(c.default_ensemble.clone());
+        body.limits = Some(InfoLimits {
+            min_side: l.min_side,
+            max_side: l.max_side,
+            max_pixels: l.max_pixels,
+            max_steps: l.max_steps,
+            max_guidance: l.max_guidance,
+            max_n: l.max_batch,
+            max_prompt_bytes: l.max_prompt_bytes,
+            max_body_bytes: state.config.max_body_bytes,
+            max_attention_map_bytes: l.max_map_bytes,
         });
-        let ensembles: Vec<Value> = c
+        let ensembles = c
             .ensembles
             .iter()
-            .map(|e| {
-                json!({
-                    "name": e.name,
-                    "description": e.description,
-                    "untrained": e.untrained,
-                    "note": e.untrained.then_some(
-                        "UNTRAINED: these weights are seeded random, so every image is noise; it exists to test the server"),
-                    "members": e.members.iter().map(|(n, h)| json!({"name": n, "weight_hash": h})).collect::<Vec<_>>(),
-                    "dtype": e.dtype,
-                    "modes": e.modes,
-                    "schedulers": e.schedulers,
-                    "defaults": {
-                        "steps": e.default_steps, "guidance_scale": e.default_guidance,
-                        "scheduler": e.default_scheduler, "width": e.default_width,
-                        "height": e.default_height, "ensemble_mode": e.default_mode,
-                    },
-                    "allowed_sizes": e.allowed_sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect::<Vec<_>>(),
-                })
+            .map(|e| InfoEnsemble {
+                name: e.name.clone(),
+                description: e.description.clone(),
+                untrained: e.untrained,
+                note: e.untrained.then(|| UNTRAINED_NOTE.to_string()),
+                members: e
+                    .members
+                    .iter()
+                    .map(|(n, h)| InfoMember {
+                        name: n.clone(),
+                        weight_hash: h.clone(),
+                    })
+                    .collect(),
+                dtype: e.dtype.clone(),
+                modes: e.modes.clone(),
+                schedulers: e.schedulers.clone(),
+                defaults: InfoDefaults {
+                    steps: e.default_steps,
+                    guidance_scale: e.default_guidance,
+                    scheduler: e.default_scheduler.clone(),
+                    width: e.default_width,
+                    height: e.default_height,
+                    ensemble_mode: e.default_mode.clone(),
+                },
+                allowed_sizes: e
+                    .allowed_sizes
+                    .iter()
+                    .map(|(w, h)| format!("{w}x{h}"))
+                    .collect(),
             })
             .collect();
-        body["ensembles"] = json!(ensembles);
+        body.ensembles = Some(ensembles);
     }
     axum::Json(body)
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`: Prometheus text (no key needed).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     let s = state.worker.stats();
     let gauges = WorkerGauges {
@@ -109,22 +154,41 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-/// `GET /v1/models`.
-pub async fn models(State(state): State<ApiState>) -> Result<axum::Json<Value>, ApiError> {
+/// `GET /v1/models`: the served ensembles.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses(
+    (status = 200, description = "The served ensembles", body = ModelList),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+),
+    security((), ("bearer" = [])),
+)]
+pub async fn models(State(state): State<ApiState>) -> Result<axum::Json<ModelList>, ApiError> {
     let c = state.ready_catalog()?;
     Ok(axum::Json(models_list(&c)))
 }
 
-/// `GET /v1/models/{id}`.
+/// `GET /v1/models/{id}`: one served ensemble.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The ensemble name")),
+    responses(
+    (status = 200, description = "The ensemble", body = ModelObject),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
+        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+),
+    security((), ("bearer" = [])),
+)]
 pub async fn model(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<ModelObject>, ApiError> {
     let c = state.ready_catalog()?;
-    match model_object(&c, &id) {
-        Value::Null => Err(ApiError::unknown_model(&id)),
-        v => Ok(axum::Json(v)),
-    }
+    model_object(&c, &id)
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::unknown_model(&id))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

@@ -5,10 +5,13 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use candle_core::{Device, Tensor};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::request::{MapsOutput, Validated};
+use super::schema::{
+    AttentionMap, ImageItem, NativeResponse, OpenAiImage, OpenAiImagesResponse, Parameters, Timings,
+};
 use crate::pipeline::maps::{heatmap_png, heatmap_scale, legend_text};
 use crate::worker::{ImageMap, JobOutput, JobTimings};
 
@@ -38,14 +41,19 @@ where
 }
 
 /// Per-stage timings in milliseconds.
+pub fn timings(t: &JobTimings) -> Timings {
+    Timings {
+        queue_ms: ms(t.queue),
+        text_encode_ms: ms(t.text_encode),
+        denoise_ms: ms(t.denoise),
+        decode_ms: ms(t.decode),
+        png_encode_ms: ms(t.png_encode),
+    }
+}
+
+/// [`timings`] as JSON (stored with a job).
 pub fn timings_json(t: &JobTimings) -> Value {
-    json!({
-        "queue_ms": ms(t.queue),
-        "text_encode_ms": ms(t.text_encode),
-        "denoise_ms": ms(t.denoise),
-        "decode_ms": ms(t.decode),
-        "png_encode_ms": ms(t.png_encode),
-    })
+    serde_json::to_value(timings(t)).unwrap_or_default()
 }
 
 /// A `Server-Timing` header value (`queue;dur=1.2, denoise;dur=80.1, ...`).
@@ -64,22 +72,28 @@ pub fn server_timing(t: &JobTimings) -> String {
 }
 
 /// The parameters the job ran with (echoed so a client can reproduce it).
-pub fn parameters_json(v: &Validated) -> Value {
+pub fn parameters(v: &Validated) -> Parameters {
     let j = &v.job;
     let first = &j.images[0];
-    json!({
-        "prompt": first.prompt,
-        "negative_prompt": first.negative_prompt,
-        "model": j.ensemble,
-        "ensemble_mode": j.mode.to_string(),
-        "n": j.images.len(),
-        "width": j.width,
-        "height": j.height,
-        "steps": j.steps,
-        "guidance_scale": v.guidance_scale,
-        "scheduler": j.scheduler.as_str(),
-        "seed": first.seed,
-    })
+    Parameters {
+        prompt: first.prompt.clone(),
+        negative_prompt: first.negative_prompt.clone(),
+        model: j.ensemble.clone(),
+        ensemble_mode: j.mode.to_string(),
+        n: j.images.len(),
+        width: j.width,
+        height: j.height,
+        steps: j.steps,
+        guidance_scale: v.guidance_scale,
+        scheduler: j.scheduler.as_str().into(),
+        seed: first.seed,
+        return_attention_maps: None,
+    }
+}
+
+/// [`parameters`] as JSON.
+pub fn parameters_json(v: &Validated) -> Value {
+    serde_json::to_value(parameters(v)).unwrap_or_default()
 }
 
 /// Warnings of all images, without repeats, plus `extra`.
@@ -99,77 +113,94 @@ pub fn native_json(
     v: &Validated,
     request_id: &str,
     extra_warnings: &[String],
-) -> Result<Value, ApiError> {
+) -> Result<NativeResponse, ApiError> {
     let legend = legend_text(&output.experts);
     let images = output
         .images
         .iter()
         .enumerate()
         .map(|(index, img)| {
-            let mut o = json!({
-                "index": index,
-                "seed": img.seed,
-                "png_base64": B64.encode(&img.png),
-                "warnings": img.warnings,
-            });
-            if let (Some(opts), Some(maps)) = (&v.maps, &img.attention_maps) {
-                o["attention_maps"] = Value::Array(render_maps(maps, opts, &legend)?);
-            }
-            Ok(o)
+            let attention_maps = match (&v.maps, &img.attention_maps) {
+                (Some(opts), Some(maps)) => Some(render_maps(maps, opts, &legend)?),
+                _ => None,
+            };
+            Ok(ImageItem {
+                index,
+                seed: img.seed,
+                png_base64: B64.encode(&img.png),
+                warnings: img.warnings.clone(),
+                attention_maps,
+            })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    Ok(json!({
-        "id": request_id,
-        "created": unix_now(),
-        "model": v.job.ensemble,
-        "images": images,
-        "seeds": output.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
-        "experts": output.experts,
-        "parameters": parameters_json(v),
-        "timings": timings_json(&output.timings),
-        "warnings": warnings(output, extra_warnings),
-    }))
-}
-
-/// The OpenAI JSON answer (`data[i].b64_json`, plus harmless extra keys).
-pub fn openai_json(output: &JobOutput, v: &Validated, extra_warnings: &[String]) -> Value {
-    let data: Vec<Value> = output
-        .images
-        .iter()
-        .map(|img| json!({"b64_json": B64.encode(&img.png), "seed": img.seed}))
-        .collect();
-    json!({
-        "created": unix_now(),
-        "data": data,
-        "model": v.job.ensemble,
-        "output_format": "png",
-        "size": format!("{}x{}", v.job.width, v.job.height),
-        "timings": timings_json(&output.timings),
-        "warnings": warnings(output, extra_warnings),
+    Ok(NativeResponse {
+        id: request_id.to_string(),
+        created: unix_now(),
+        model: v.job.ensemble.clone(),
+        images,
+        seeds: output.images.iter().map(|i| i.seed).collect(),
+        experts: output.experts.clone(),
+        parameters: parameters(v),
+        timings: timings(&output.timings),
+        warnings: warnings(output, extra_warnings),
     })
 }
 
-/// The maps of one image as JSON: point, step, shape, and the asked-for encodings.
+/// The OpenAI JSON answer (`data[i].b64_json`, plus harmless extra keys).
+pub fn openai_json(
+    output: &JobOutput,
+    v: &Validated,
+    extra_warnings: &[String],
+) -> OpenAiImagesResponse {
+    let data = output
+        .images
+        .iter()
+        .map(|img| OpenAiImage {
+            b64_json: Some(B64.encode(&img.png)),
+            url: None,
+            seed: img.seed,
+        })
+        .collect();
+    OpenAiImagesResponse {
+        created: unix_now(),
+        data,
+        job_id: None,
+        model: v.job.ensemble.clone(),
+        output_format: "png".into(),
+        size: format!("{}x{}", v.job.width, v.job.height),
+        timings: timings_json(&output.timings),
+        warnings: warnings(output, extra_warnings),
+    }
+}
+
+/// The maps of one image: point, step, shape, and the asked-for encodings.
 pub(super) fn render_maps(
     maps: &[ImageMap],
     opts: &MapsOutput,
     legend: &str,
-) -> Result<Vec<Value>, ApiError> {
+) -> Result<Vec<AttentionMap>, ApiError> {
     let internal = |e: String| ApiError::Internal(format!("rendering attention maps: {e}"));
     maps.iter()
         .filter(|m| opts.blocks.as_ref().is_none_or(|b| b.contains(&m.point)))
         .map(|m| {
-            let mut o = json!({"point": m.point, "step": m.step, "shape": m.shape});
+            let mut o = AttentionMap {
+                point: m.point,
+                step: m.step,
+                shape: m.shape.to_vec(),
+                heatmap_png_base64: None,
+                f32_base64: None,
+                f16_base64: None,
+            };
             if opts.png {
                 let t = Tensor::from_vec(m.values.clone(), m.shape.to_vec(), &Device::Cpu)
                     .map_err(|e| internal(e.to_string()))?;
                 let scale = heatmap_scale(m.shape[2]);
                 let png = heatmap_png(&t, scale, legend).map_err(|e| internal(e.to_string()))?;
-                o["heatmap_png_base64"] = Value::String(B64.encode(png));
+                o.heatmap_png_base64 = Some(B64.encode(png));
             }
             if opts.f32 {
                 let bytes: Vec<u8> = m.values.iter().flat_map(|x| x.to_le_bytes()).collect();
-                o["f32_base64"] = Value::String(B64.encode(bytes));
+                o.f32_base64 = Some(B64.encode(bytes));
             }
             if opts.f16 {
                 let bytes: Vec<u8> = m
@@ -177,7 +208,7 @@ pub(super) fn render_maps(
                     .iter()
                     .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
                     .collect();
-                o["f16_base64"] = Value::String(B64.encode(bytes));
+                o.f16_base64 = Some(B64.encode(bytes));
             }
             Ok(o)
         })
@@ -212,19 +243,19 @@ mod tests {
             f16: true,
         };
         let out = render_maps(std::slice::from_ref(&map), &opts, "a, b").unwrap();
-        assert_eq!(out[0]["shape"], json!([2, 2, 2]));
+        assert_eq!(out[0].shape, [2, 2, 2]);
         let png = B64
-            .decode(out[0]["heatmap_png_base64"].as_str().unwrap())
+            .decode(out[0].heatmap_png_base64.as_deref().unwrap())
             .unwrap();
         assert_eq!(&png[1..4], b"PNG");
         assert_eq!(
-            B64.decode(out[0]["f32_base64"].as_str().unwrap())
+            B64.decode(out[0].f32_base64.as_deref().unwrap())
                 .unwrap()
                 .len(),
             32
         );
         assert_eq!(
-            B64.decode(out[0]["f16_base64"].as_str().unwrap())
+            B64.decode(out[0].f16_base64.as_deref().unwrap())
                 .unwrap()
                 .len(),
             16

@@ -3,58 +3,93 @@
 //! uses seed + i). Pure functions, unit-tested without a server.
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
+#[allow(unused_imports)]
+use super::schema::{MapsOption, OutputFormat, SchedulerName};
 use crate::config::parse_size;
 use crate::ensemble::EnsembleMode;
 use crate::pipeline::{ImageSpec, MapPoints, MapsRequest};
 use crate::schedulers::SchedulerKind;
 use crate::worker::{Catalog, EnsembleCatalog, GenerationJob};
 
-/// Body of `POST /generate`. Unknown fields are rejected.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// Body of `POST /generate` (and `POST /generate/stream`, `POST /v1/jobs`). Unknown fields are
+/// rejected. Bounds are the server's limits (`/info`); values the ensemble does not serve (a
+/// size outside its `allowed_sizes`, a mode it lacks) are refused with 400 naming the field.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"prompt": "a lighthouse at dusk", "steps": 10, "seed": 42}))]
 pub struct NativeRequest {
+    /// Not empty (nor only whitespace); at most 16 KiB (UTF-8 bytes).
+    #[schema(min_length = 1, max_length = 16384)]
     pub prompt: String,
+    /// At most 16 KiB (UTF-8 bytes).
+    #[schema(max_length = 16384)]
     pub negative_prompt: Option<String>,
     /// Ensemble name; the default ensemble when absent.
     pub model: Option<String>,
+    /// Images (1..=16, and at most the queue capacity); image i uses seed + i.
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u64>,
+    /// Pixels, a multiple of 8; width x height at most 1048576 (else 413).
+    #[schema(minimum = 64, maximum = 2048, multiple_of = 8)]
     pub width: Option<u64>,
+    #[schema(minimum = 64, maximum = 2048, multiple_of = 8)]
     pub height: Option<u64>,
-    /// "WxH", an alternative to width/height.
+    /// "WxH" or "auto", an alternative to width/height (not both).
+    #[schema(pattern = "^(auto|[0-9]+x[0-9]+)$", max_length = 32)]
     pub size: Option<String>,
+    /// Drawn (and echoed) when absent.
     pub seed: Option<u64>,
+    #[schema(minimum = 1, maximum = 500)]
     pub steps: Option<u64>,
+    #[schema(minimum = 0.0, maximum = 50.0)]
     pub guidance_scale: Option<f64>,
+    #[schema(value_type = Option<SchedulerName>)]
     pub scheduler: Option<String>,
+    /// `afa`, `mean`, `single:<member>`, `merge`, `magicfusion`, as the ensemble offers (`/info`).
     pub ensemble_mode: Option<String>,
     /// false | true | {"steps": "mean"|"all", "blocks": [points], "format": "png"|"f32"|"f16"|[...]}
+    #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
     /// Only "png".
+    #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
-    /// Answer with Server-Sent Events (progress, then the result).
+    /// Answer with Server-Sent Events (progress, then the result); refused by `/v1/jobs`.
     pub stream: Option<bool>,
 }
 
 /// `GET /generate/stream`'s query: the native fields that fit a query string (maps are on or
-/// off). Values are strings unless the field is numeric or boolean.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// off). Values are strings unless the field is numeric or boolean. Unknown or repeated
+/// parameters are refused.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct NativeQuery {
+    #[param(min_length = 1, max_length = 16384)]
     pub prompt: String,
+    #[param(max_length = 16384)]
     pub negative_prompt: Option<String>,
     pub model: Option<String>,
+    #[param(minimum = 1, maximum = 16)]
     pub n: Option<u64>,
+    #[param(minimum = 64, maximum = 2048, multiple_of = 8)]
     pub width: Option<u64>,
+    #[param(minimum = 64, maximum = 2048, multiple_of = 8)]
     pub height: Option<u64>,
+    #[param(pattern = "^(auto|[0-9]+x[0-9]+)$", max_length = 32)]
     pub size: Option<String>,
     pub seed: Option<u64>,
+    #[param(minimum = 1, maximum = 500)]
     pub steps: Option<u64>,
+    #[param(minimum = 0.0, maximum = 50.0)]
     pub guidance_scale: Option<f64>,
+    #[param(value_type = Option<SchedulerName>)]
     pub scheduler: Option<String>,
     pub ensemble_mode: Option<String>,
     pub return_attention_maps: Option<bool>,
+    #[param(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
     pub stream: Option<bool>,
 }

@@ -21,6 +21,7 @@ use super::output::render_blocking;
 use super::output::{native_json, unix_now};
 use super::quota::QuotaGuard;
 use super::request::Validated;
+use super::schema::{OpenAiCompletedData, OpenAiProgressData, ProgressData, QueuedData};
 use crate::worker::{JobEvent, JobOutput, JobTicket};
 
 /// Which event vocabulary to speak.
@@ -112,19 +113,21 @@ fn progress_events(
 ) -> Vec<Event> {
     match flavor {
         Flavor::Native { .. } => match (position, step) {
-            (Some(p), _) => vec![event("queued", &json!({"position": p}))],
-            (_, Some((s, t))) => vec![event("progress", &json!({"step": s, "total": t}))],
+            (Some(position), _) => vec![event("queued", &json!(QueuedData { position }))],
+            (_, Some((step, total))) => {
+                vec![event("progress", &json!(ProgressData { step, total }))]
+            }
             _ => vec![],
         },
         Flavor::OpenAi { .. } => {
             let (s, t) = step.unwrap_or((0, 0));
-            let data = json!({
-                "type": "image_generation.progress",
-                "queue_position": position,
-                "step": s,
-                "total": t,
-            });
-            vec![event("image_generation.progress", &data)]
+            let data = OpenAiProgressData {
+                kind: "image_generation.progress".into(),
+                queue_position: position,
+                step: s,
+                total: t,
+            };
+            vec![event("image_generation.progress", &json!(data))]
         }
     }
 }
@@ -144,7 +147,11 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
             warnings,
         } => {
             let (v, id, w) = (run.validated.clone(), request_id.clone(), warnings.clone());
-            match render_blocking(move || native_json(&output, &v, &id, &w)).await {
+            let rendered = render_blocking(move || {
+                let body = native_json(&output, &v, &id, &w)?;
+                serde_json::to_value(body).map_err(|e| ApiError::Internal(e.to_string()))
+            });
+            match rendered.await {
                 Ok(body) => vec![event("result", &body)],
                 Err(e) => vec![error_event(&e)],
             }
@@ -158,17 +165,17 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
                     .iter()
                     .enumerate()
                     .map(|(index, img)| {
-                        json!({
-                            "type": "image_generation.completed",
-                            "b64_json": B64.encode(&img.png),
-                            "created_at": unix_now(),
-                            "size": size,
-                            "quality": quality,
-                            "background": "opaque",
-                            "output_format": "png",
-                            "index": index,
-                            "seed": img.seed,
-                            "warnings": warnings,
+                        json!(OpenAiCompletedData {
+                            kind: "image_generation.completed".into(),
+                            b64_json: B64.encode(&img.png),
+                            created_at: unix_now(),
+                            size: size.clone(),
+                            quality: quality.clone(),
+                            background: "opaque".into(),
+                            output_format: "png".into(),
+                            index,
+                            seed: img.seed,
+                            warnings: warnings.clone(),
                         })
                         // No `usage`: a diffusion model counts no tokens, and zeros would lie.
                     })

@@ -2,11 +2,13 @@
 //! embedded in the binary (`web`). Unknown names answer the usual 404 envelope; names are looked
 //! up in a fixed table, so no request path ever reaches the filesystem. These routes need no API
 //! key (the page holds no data; its API calls carry the key the user typed).
-use axum::extract::Path;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
+use super::body::ApiPath;
 use super::error::ApiError;
+#[allow(unused_imports)]
+use super::schema::ErrorEnvelope;
 use crate::web::{self, Asset};
 
 /// Only this origin's scripts, styles and API; images also from `data:`/`blob:` URLs (the page
@@ -39,13 +41,23 @@ fn respond(a: Asset) -> Response {
     r
 }
 
-/// `GET /`: the page.
+/// `GET /`: the playground page (no key needed).
+#[utoipa::path(get, path = "/", tag = "playground", responses(
+    (status = 200, description = "The page", content_type = "text/html", body = String)))]
 pub async fn index() -> Response {
     respond(web::INDEX)
 }
 
-/// `GET /ui/{name}`: one asset, or 404.
-pub async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
+/// `GET /ui/{name}`: one asset of the page (no key needed), or 404.
+#[utoipa::path(get, path = "/ui/{name}", tag = "playground",
+    params(("name" = String, Path, description = "The asset's file name")),
+    responses(
+    (status = 200, description = "The asset", content(
+        (String = "text/javascript"), (String = "text/css"), (String = "text/html"))),
+        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
+        (status = 404, description = "No such asset", body = ErrorEnvelope),
+))]
+pub async fn asset(ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     web::asset(&name)
         .map(respond)
         .ok_or_else(|| ApiError::RouteNotFound(format!("/ui/{name}")))
@@ -73,12 +85,12 @@ mod tests {
 
     #[tokio::test]
     async fn assets_are_typed_and_unknown_names_are_404() {
-        let r = asset(Path("app.js".into())).await.unwrap();
+        let r = asset(ApiPath("app.js".into())).await.unwrap();
         assert_eq!(
             r.headers()[header::CONTENT_TYPE],
             "text/javascript; charset=utf-8"
         );
-        let r = asset(Path("style.css".into())).await.unwrap();
+        let r = asset(ApiPath("style.css".into())).await.unwrap();
         assert_eq!(r.headers()[header::CONTENT_TYPE], "text/css; charset=utf-8");
         for bad in [
             "nope.js",
@@ -86,7 +98,7 @@ mod tests {
             "../../src/main.rs",
             "%2e%2e/Cargo.toml",
         ] {
-            let e = asset(Path(bad.into())).await.unwrap_err();
+            let e = asset(ApiPath(bad.into())).await.unwrap_err();
             assert_eq!(e.status(), 404, "{bad}");
         }
     }

@@ -333,12 +333,14 @@ impl ModelRegistry {
             }
         }
         let d = &e.defaults;
-        if !d.width.is_multiple_of(8)
+        if d.width == 0
+            || d.height == 0
+            || !d.width.is_multiple_of(8)
             || !d.height.is_multiple_of(8)
             || d.steps == 0
             || !d.guidance_scale.is_finite()
         {
-            return Err(self.invalid(format!("ensemble '{name}': defaults need sizes that are multiples of 8, steps >= 1 and a finite guidance")));
+            return Err(self.invalid(format!("ensemble '{name}': defaults need sizes that are positive multiples of 8, steps >= 1 and a finite guidance")));
         }
         Ok(())
     }

@@ -283,6 +283,10 @@ fn map_input_block(n: usize, m: &str, rest: &[&str], layout: &SingleFileLayout) 
     let mut start = 1;
     for (i, block) in layout.down_blocks.iter().enumerate() {
         let len = lpb + usize::from(block.has_resampler);
+        // `input_blocks.0` is conv_in, matched before; any other `input_blocks.0.*` is unknown.
+        if n < start {
+            return None;
+        }
         if n < start + len {
             let j = n - start;
             return match (m, rest) {
