@@ -306,7 +306,8 @@ proptest! {
     }
 }
 
-const MODELS_TOML: &str = include_str!("../models.toml");
+/// The tests' registry (the tiny ensemble alone), as a hostile file would resemble it.
+const MODELS_TOML: &str = include_str!("fixtures/tiny-models.toml");
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
@@ -320,7 +321,7 @@ proptest! {
         at in 0usize..2000,
         c in prop_oneof![Just('['), Just(']'), Just('"'), Just('='), Just('\n'), Just('0'), Just('x'), Just('#')],
     ) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-models.toml");
         let _ = ModelRegistry::parse(&text, &path);
         let cut = MODELS_TOML.char_indices().map(|(i, _)| i).take_while(|i| *i <= cut).last().unwrap_or(0);
         let _ = ModelRegistry::parse(&MODELS_TOML[..cut], &path);
@@ -333,7 +334,7 @@ proptest! {
 
 #[test]
 fn models_toml_hostile_values_are_errors() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-models.toml");
     let base = MODELS_TOML;
     for (from, to) in [
         ("steps = 10", "steps = 99999999999999999999"),
