@@ -10,9 +10,8 @@ use super::error::ApiError;
 use super::schema::{MapsOption, OutputFormat, SchedulerName};
 use crate::config::parse_size;
 use crate::ensemble::EnsembleMode;
-use crate::pipeline::{ImageSpec, MapPoints, MapsRequest};
 use crate::schedulers::SchedulerKind;
-use crate::worker::{Catalog, EnsembleCatalog, GenerationJob};
+use crate::worker::{Catalog, EnsembleCatalog, GenerationJob, ImageSpec, MapPoints, MapsRequest};
 
 /// Body of `POST /generate` (and `POST /generate/stream`, `POST /v1/jobs`). Unknown fields are
 /// rejected. Bounds are the server's limits (`/info`); values the ensemble does not serve (a
@@ -521,7 +520,7 @@ fn parse_maps(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::Limits;
+    use crate::worker::Limits;
 
     pub(crate) fn catalog() -> Catalog {
         Catalog {

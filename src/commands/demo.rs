@@ -79,29 +79,15 @@ fn render_dataset(args: &RenderArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The images and asked scenes of a folder's `metadata.jsonl`.
-pub fn read_listing(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Scene)>> {
-    let path = dir.join("metadata.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let mut out = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("line {}", i + 1))?;
-        let file = v["file_name"].as_str().context("no file_name")?;
-        let caption = v["text"].as_str().context("no text")?;
-        let Some(scene) = Scene::from_caption(caption) else {
-            bail!(
-                "line {}: '{caption}' is not a caption of the demo world",
-                i + 1
-            );
-        };
-        out.push((dir.join(file), scene));
-    }
-    Ok(out)
+/// The images and asked scenes of a dataset folder (read like `afa train` reads it).
+fn read_listing(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Scene)>> {
+    crate::trainer::data::read_records(dir)?
+        .into_iter()
+        .map(|r| match Scene::from_caption(&r.caption) {
+            Some(scene) => Ok((r.path, scene)),
+            None => bail!("'{}' is not a caption of the demo world", r.caption),
+        })
+        .collect()
 }
 
 fn judge_dir(args: &JudgeArgs) -> anyhow::Result<()> {

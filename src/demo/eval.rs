@@ -21,7 +21,9 @@ use super::world::{IMAGE_SIZE, Scene, Shape};
 use crate::ensemble::EnsembleMode;
 use crate::loading::ensemble::LoadedEnsemble;
 use crate::pipeline::noise::ImageRng;
-use crate::pipeline::{BatchRequest, CollectedMaps, ImageSpec, Limits, MapsRequest, SdPipeline};
+use crate::pipeline::{
+    BatchRequest, CollectedMaps, ImageSpec, Limits, MapsRequest, SdPipeline, to_rgb8,
+};
 use crate::schedulers::{NoiseSchedule, SchedulerKind};
 
 /// What to measure.
@@ -101,15 +103,12 @@ fn pixels(images: &[RgbImage], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (images.len(), n, n, 3), device)?.permute((0, 3, 1, 2))?)
 }
 
-/// `[B, 3, H, W]` in [-1, 1] -> pictures.
+/// `[B, 3, H, W]` in [-1, 1] -> pictures (the pipeline's own 8-bit conversion).
 fn pictures(image: &Tensor) -> Result<Vec<RgbImage>> {
-    let scaled = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    let bytes = (scaled * 255.0)?.round()?.to_dtype(DType::U8)?;
-    let hwc = bytes.permute((0, 2, 3, 1))?.contiguous()?;
-    let (b, h, w, _) = hwc.dims4()?;
-    (0..b)
-        .map(|i| {
-            let raw = hwc.get(i)?.flatten_all()?.to_vec1::<u8>()?;
+    let (_, _, h, w) = image.dims4()?;
+    to_rgb8(&image.to_dtype(DType::F32)?)?
+        .into_iter()
+        .map(|raw| {
             RgbImage::from_raw(w as u32, h as u32, raw).ok_or_else(|| anyhow::anyhow!("size"))
         })
         .collect()

@@ -280,7 +280,7 @@ impl<D: Denoiser> SdPipeline<D> {
 }
 
 /// `[B, 3, H, W]` in [-1, 1] -> per image, 8-bit RGB row-major (round half away, as numpy).
-fn to_rgb8(image: &Tensor) -> Result<Vec<Vec<u8>>, PipelineError> {
+pub fn to_rgb8(image: &Tensor) -> Result<Vec<Vec<u8>>, PipelineError> {
     let scaled = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let scaled = (scaled * 255.0)?.round()?.to_dtype(DType::U8)?;
     let hwc = scaled.permute((0, 2, 3, 1))?.contiguous()?;

@@ -9,7 +9,7 @@ mod params;
 pub mod png;
 
 pub use denoiser::{DenoiseStep, Denoiser, SingleUNet};
-pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings};
+pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings, to_rgb8};
 pub use maps::CollectedMaps;
 pub use noise::{BatchNoise, ImageRng};
 pub use params::{BatchRequest, ImageSpec, Limits, MapPoints, MapsRequest, sampler_display_name};

@@ -217,7 +217,7 @@ impl Engine for RegistryEngine {
         images: &[ImageSpec],
         observer: &mut dyn Observer,
     ) -> Result<BatchOutcome, JobError> {
-        let (_, loaded) = self
+        let (entry, loaded) = self
             .ensembles
             .iter()
             .find(|(c, _)| c.name == key.ensemble)
@@ -269,11 +269,7 @@ impl Engine for RegistryEngine {
         };
         let maps = match &output.attention_maps {
             Some(m) => {
-                let total = loaded
-                    .ensemble
-                    .aggregators()
-                    .len()
-                    .max(aggregation_points(loaded.ensemble.members()[0].unet.config()).len());
+                let total = entry.map_downscales.len();
                 let points = key.attention_maps.points().unwrap_or_default().among(total);
                 Some(
                     per_image_maps(m, &points, output.images.len())

@@ -6,6 +6,9 @@ pub mod engine;
 mod handle;
 pub mod queue;
 
+/// The pipeline types that are part of the contract (what a job asks for), so the HTTP layer
+/// names them through the worker.
+pub use crate::pipeline::{ImageSpec, Limits, MapPoints, MapsRequest};
 pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
     SubmitError,
