@@ -44,24 +44,13 @@ LIMIT=${AFA_FUZZ_TIME_LIMIT_S:-420}
 START=$(date +%s)
 
 cargo build --quiet
+source scripts/lib/serve.sh
 STATE=$(mktemp -d)
-LOG="$STATE/serve.log"
-BIN=$(cd "$TARGET" && pwd)/debug/afa
-"$BIN" serve --config models.toml --bind 127.0.0.1:0 --device cpu \
-    --database-url "sqlite://$STATE/afa.db" --data-dir "$STATE/data" </dev/null 2>"$LOG" &
-PID=$!
-trap 'kill "$PID" 2>/dev/null || true; rm -rf "$STATE"' EXIT
+trap 'kill "${AFA_PID:-}" 2>/dev/null || true; rm -rf "$STATE"' EXIT
+start_afa_serve "$(cd "$TARGET" && pwd)/debug/afa" "$STATE" --config models.toml
+ADDR=$AFA_ADDR
+LOG=$AFA_LOG
 
-ADDR=""
-for _ in $(seq 1 600); do
-    ADDR=$(sed -n 's/.*listening on http:\/\/\([0-9.:]*\).*/\1/p' "$LOG" | head -n1)
-    if [ -n "$ADDR" ] && curl -fsS "http://$ADDR/ready" >/dev/null 2>&1; then
-        break
-    fi
-    kill -0 "$PID" 2>/dev/null || { cat "$LOG"; echo "afa serve exited early" >&2; exit 1; }
-    sleep 0.2
-done
-curl -fsS "http://$ADDR/ready" >/dev/null || { cat "$LOG"; echo "afa serve never got ready" >&2; exit 1; }
 
 # Run from the temporary dir so schemathesis' caches and reports stay out of the tree.
 STATUS=0
@@ -87,6 +76,5 @@ SEED=$(curl -fsS "http://$ADDR/generate" -H 'content-type: application/json' \
     python3 -c 'import json, sys; print(json.load(sys.stdin)["seeds"][0])')
 [ "$SEED" = 7 ] || { echo "generation after fuzzing answered seed '$SEED'" >&2; exit 1; }
 
-kill -TERM "$PID"
-wait "$PID"
+stop_afa_serve
 echo "API fuzzing passed; afa serve still ready and generating, exited cleanly ($(( $(date +%s) - START ))s)"

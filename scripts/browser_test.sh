@@ -33,27 +33,15 @@ fi
 ARTIFACTS=${ARTIFACTS:-/tmp/afa-browser-artifacts}
 rm -rf "$ARTIFACTS" && mkdir -p "$ARTIFACTS"
 export ARTIFACTS
-LOG="$ARTIFACTS/afa-serve.log"
+source scripts/lib/serve.sh
 STATE=$(mktemp -d)
 KEY="afa-browser-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-"$AFA_BIN" serve --config models.toml --bind 127.0.0.1:0 --device cpu --api-key "$KEY" \
-    --database-url "sqlite://$STATE/afa.db" --data-dir "$STATE/data" 2>"$LOG" &
-PID=$!
-trap 'kill "$PID" 2>/dev/null || true; rm -rf "$STATE"' EXIT
+# The server log is a test artifact too, whatever the outcome.
+trap 'kill "${AFA_PID:-}" 2>/dev/null || true; cp "$STATE/serve.log" "$ARTIFACTS/afa-serve.log" 2>/dev/null; rm -rf "$STATE"' EXIT
+start_afa_serve "$AFA_BIN" "$STATE" --config models.toml --api-key "$KEY"
 
-ADDR=""
-for _ in $(seq 1 600); do
-    ADDR=$(sed -n 's/.*listening on http:\/\/\([0-9.:]*\).*/\1/p' "$LOG" | head -n1)
-    if [ -n "$ADDR" ] && curl -fsS "http://$ADDR/ready" >/dev/null 2>&1; then
-        break
-    fi
-    kill -0 "$PID" 2>/dev/null || { cat "$LOG"; echo "afa serve exited early" >&2; exit 1; }
-    sleep 0.2
-done
-curl -fsS "http://$ADDR/ready" >/dev/null || { cat "$LOG"; echo "afa serve never got ready" >&2; exit 1; }
 
-AFA_URL="http://$ADDR" AFA_TEST_KEY="$KEY" node --test --test-reporter=spec tests/browser/playground.test.mjs
+AFA_URL="http://$AFA_ADDR" AFA_TEST_KEY="$KEY" node --test --test-reporter=spec tests/browser/playground.test.mjs
 
-kill -TERM "$PID"
-wait "$PID"
+stop_afa_serve
 echo "afa serve exited cleanly after SIGTERM; screenshots in $ARTIFACTS; $(( $(date +%s) - START )) s in all"
