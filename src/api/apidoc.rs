@@ -9,10 +9,34 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::schema::{
-    JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiProgressData, ProgressData,
-    QueuedData, event_stream_schema,
+    ErrorEnvelope, JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiProgressData,
+    ProgressData, QueuedData, event_stream_schema,
 };
 use super::{generate, jobs, ops, ui};
+
+/// Error answers many routes share, each described once (`#/components/responses/...`); every
+/// body is the `ErrorEnvelope`.
+macro_rules! error_responses {
+    ($($name:ident: $description:literal $(, headers $headers:tt)?;)+) => {$(
+        #[derive(utoipa::ToResponse)]
+        #[response(description = $description $(, headers $headers)?)]
+        #[allow(dead_code)] // a description of the answer, never built
+        pub struct $name(ErrorEnvelope);
+    )+};
+}
+
+error_responses! {
+    BadRequest: "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)";
+    BadPath: "A path segment that is not valid UTF-8 once percent-decoded";
+    Unauthorized: "Missing or wrong API key (keys are configured)";
+    ModelNotFound: "Unknown model (ensemble)";
+    JobNotFound: "No such job (or another key's), or this server runs no job store";
+    TooLarge: "The body, the pixels or the attention maps are over their budget";
+    QueueFull: "The queue (or the key's quota) is full; see Retry-After", headers(("Retry-After" = u64, description = "Seconds"));
+    Internal: "A bug or an engine failure (details only in the log)";
+    Unavailable: "Models loading, failed, or the server is draining (Retry-After when waiting helps)";
+    TimedOut: "The job ran past --request-timeout-s";
+}
 
 /// Where the document is served (also named by `/info`'s `openapi`).
 pub const OPENAPI_PATH: &str = "/openapi.json";
@@ -49,14 +73,19 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
         ui::asset,
         openapi_json,
     ),
-    components(schemas(
+    components(
+        responses(
+            BadRequest, BadPath, Unauthorized, ModelNotFound, JobNotFound, TooLarge, QueueFull, Internal, Unavailable, TimedOut,
+        ),
+        schemas(
         QueuedData,
         ProgressData,
         JobQueuedData,
         JobProgressData,
         OpenAiProgressData,
         OpenAiCompletedData,
-    )),
+        ),
+    ),
     modifiers(&BearerAuth),
     tags(
         (name = "native", description = "POST /generate and its event streams"),
@@ -192,6 +221,14 @@ mod tests {
         responses
             .iter()
             .filter(|(_, r)| {
+                // Inline, or a shared answer of `#/components/responses`.
+                let r = match r["$ref"].as_str() {
+                    Some(path) => {
+                        let name = path.trim_start_matches("#/components/responses/");
+                        &doc["components"]["responses"][name]
+                    }
+                    None => *r,
+                };
                 r["content"]["application/json"]["schema"]["$ref"]
                     == "#/components/schemas/ErrorEnvelope"
             })

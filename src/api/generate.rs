@@ -13,6 +13,9 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
+use super::apidoc::{
+    BadRequest, Internal, ModelNotFound, QueueFull, TimedOut, TooLarge, Unauthorized, Unavailable,
+};
 use super::body::{bytes_or_error, parse_json, parse_query};
 use super::error::ApiError;
 use super::middleware::{Caller, RequestId};
@@ -20,7 +23,7 @@ use super::openai::{OpenAiImageRequest, to_native};
 use super::output::{native_json, openai_json, render_blocking, server_timing};
 use super::quota::{QuotaGuard, admit_sync};
 use super::request::{NativeQuery, NativeRequest, Validated, validate};
-use super::schema::{ErrorEnvelope, NativeResponse, OpenAiImage, OpenAiImagesResponse, PngFile};
+use super::schema::{NativeResponse, OpenAiImage, OpenAiImagesResponse, PngFile};
 use super::stream::{Flavor, sse_response};
 use crate::telemetry::Metrics;
 use crate::worker::{JobEvent, JobOutput, JobTicket};
@@ -144,14 +147,14 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
             ("x-seed" = u64, description = "The seed (image/png answers)"),
             ("server-timing" = String, description = "Stage timings (image/png answers)"),
         )),
-        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
-        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
-        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
-        (status = 504, description = "The job ran past --request-timeout-s", body = ErrorEnvelope),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = ModelNotFound),
+        (status = 413, response = TooLarge),
+        (status = 429, response = QueueFull),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+        (status = 504, response = TimedOut),
     ),
     security((), ("bearer" = [])),
 )]
@@ -187,13 +190,13 @@ struct Answer {
     request_body = NativeRequest,
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/NativeStreamEvent")),
-        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
-        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
-        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = ModelNotFound),
+        (status = 413, response = TooLarge),
+        (status = 429, response = QueueFull),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
     ),
     security((), ("bearer" = [])),
 )]
@@ -221,13 +224,13 @@ pub async fn native_stream_post(
     params(NativeQuery),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/NativeStreamEvent")),
-        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
-        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
-        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = ModelNotFound),
+        (status = 413, response = TooLarge),
+        (status = 429, response = QueueFull),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
     ),
     security((), ("bearer" = [])),
 )]
@@ -303,14 +306,14 @@ fn png_response(output: &JobOutput) -> Response {
             (OpenAiImagesResponse = "application/json"),
             (ref("#/components/schemas/OpenAiStreamEvent") = "text/event-stream"),
         )),
-        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
-        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
-        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
-        (status = 504, description = "The job ran past --request-timeout-s", body = ErrorEnvelope),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = ModelNotFound),
+        (status = 413, response = TooLarge),
+        (status = 429, response = QueueFull),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+        (status = 504, response = TimedOut),
     ),
     security((), ("bearer" = [])),
 )]

@@ -17,6 +17,9 @@ use futures_util::stream;
 use serde_json::{Value, json};
 
 use super::ApiState;
+use super::apidoc::{
+    BadPath, BadRequest, Internal, JobNotFound, QueueFull, TooLarge, Unauthorized, Unavailable,
+};
 use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
 use super::dispatch::{JobService, resolved_params};
@@ -144,14 +147,14 @@ pub(super) async fn submit_job(
             ("Location" = String, description = "/v1/jobs/<id>"),
             ("idempotent-replayed" = String, description = "`true` when an earlier job was answered"),
         )),
-        (status = 400, description = "Malformed JSON, wrong types, unknown fields or values out of range (`param` names the field)", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
         (status = 404, description = "Unknown model, or this server runs no job store", body = ErrorEnvelope),
         (status = 409, description = "The Idempotency-Key was used for another request", body = ErrorEnvelope),
-        (status = 413, description = "The body, the pixels or the attention maps are over their budget", body = ErrorEnvelope),
-        (status = 429, description = "The queue (or the key's quota) is full; see Retry-After", body = ErrorEnvelope, headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 413, response = TooLarge),
+        (status = 429, response = QueueFull),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
     ),
     security((), ("bearer" = [])),
 )]
@@ -274,10 +277,10 @@ pub(super) async fn job_view(
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 400, response = BadPath),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 500, response = Internal),
     ),
     security((), ("bearer" = [])),
 )]
@@ -331,10 +334,10 @@ async fn artifact(
     params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
     responses(
         (status = 200, description = "The PNG", content_type = "image/png", body = PngFile),
-        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 400, response = BadPath),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 500, response = Internal),
     ),
     security((), ("bearer" = [])),
 )]
@@ -356,10 +359,10 @@ pub async fn image(
     params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
     responses(
         (status = 200, description = "The maps of image k", body = MapsBundle),
-        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 400, response = BadPath),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 500, response = Internal),
     ),
     security((), ("bearer" = [])),
 )]
@@ -381,11 +384,11 @@ pub async fn maps(
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job, cancelled", body = JobView),
-        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
+        (status = 400, response = BadPath),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
         (status = 409, description = "The job already finished", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 500, response = Internal),
     ),
     security((), ("bearer" = [])),
 )]
@@ -502,10 +505,10 @@ impl Follow {
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = ref("#/components/schemas/JobStreamEvent")),
-        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "No such job (or another key's), or this server runs no job store", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 400, response = BadPath),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = JobNotFound),
+        (status = 500, response = Internal),
     ),
     security((), ("bearer" = [])),
 )]

@@ -6,12 +6,12 @@ use axum::http::{Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
+use super::apidoc::{BadPath, Internal, ModelNotFound, Unauthorized, Unavailable};
 use super::body::ApiPath;
 use super::error::ApiError;
 use super::openai::{model_object, models_list};
 use super::schema::{
-    ErrorEnvelope, Info, InfoDefaults, InfoEnsemble, InfoLimits, InfoMember, ModelList,
-    ModelObject, Status,
+    Info, InfoDefaults, InfoEnsemble, InfoLimits, InfoMember, ModelList, ModelObject, Status,
 };
 use crate::telemetry::WorkerGauges;
 
@@ -27,7 +27,7 @@ pub async fn health() -> axum::Json<Status> {
 /// `GET /ready`: 200 when serving, 503 + Retry-After while loading or draining (no key needed).
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
     (status = 200, description = "Serving", body = Status),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 503, response = Unavailable),
 ))]
 pub async fn ready(State(state): State<ApiState>) -> Result<axum::Json<Status>, ApiError> {
     state.ready_catalog()?;
@@ -53,8 +53,8 @@ const UNTRAINED_NOTE: &str = "UNTRAINED: these weights are seeded random, so eve
 /// `GET /info`: what is served, limits, settings, and where the OpenAPI document is.
 #[utoipa::path(get, path = "/info", tag = "operations", responses(
     (status = 200, description = "The server", body = Info),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
 ),
     security((), ("bearer" = [])),
 )]
@@ -157,9 +157,9 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
 /// `GET /v1/models`: the served ensembles.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", responses(
     (status = 200, description = "The served ensembles", body = ModelList),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
 ),
     security((), ("bearer" = [])),
 )]
@@ -173,11 +173,11 @@ pub async fn models(State(state): State<ApiState>) -> Result<axum::Json<ModelLis
     params(("id" = String, Path, description = "The ensemble name")),
     responses(
     (status = 200, description = "The ensemble", body = ModelObject),
-        (status = 400, description = "A path segment that is not valid UTF-8 once percent-decoded", body = ErrorEnvelope),
-        (status = 401, description = "Missing or wrong API key (keys are configured)", body = ErrorEnvelope),
-        (status = 404, description = "Unknown model (ensemble)", body = ErrorEnvelope),
-        (status = 500, description = "A bug or an engine failure (details only in the log)", body = ErrorEnvelope),
-        (status = 503, description = "Models loading, failed, or the server is draining (Retry-After when waiting helps)", body = ErrorEnvelope),
+        (status = 400, response = BadPath),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = ModelNotFound),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
 ),
     security((), ("bearer" = [])),
 )]
