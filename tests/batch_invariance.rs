@@ -4,7 +4,7 @@ mod common;
 
 use afa::ensemble::EnsembleMode;
 use afa::loading::ensemble::{EnsembleLoadOptions, LoadedEnsemble, open_official};
-use afa::pipeline::{BatchRequest, ImageSpec, Limits, MapsRequest, SdPipeline};
+use afa::pipeline::{BatchRequest, ImageSpec, MapsRequest};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
 use common::official_folder;
@@ -112,15 +112,7 @@ fn same_seed_same_png_bytes_whatever_the_batch() {
         EnsembleMode::Merge,
         "magicfusion".parse().unwrap(),
     ] {
-        let pipeline = SdPipeline {
-            tokenizer: loaded.tokenizer.clone(),
-            denoiser: loaded.ensemble.denoiser(&mode).unwrap(),
-            vae: loaded.vae.clone(),
-            scheduler_config: loaded.scheduler.clone(),
-            device: Device::Cpu,
-            model_name: "n2".into(),
-            limits: Limits::default(),
-        };
+        let pipeline = common::ensemble_pipeline(&loaded, &mode);
         let mut first: Option<Vec<u8>> = None;
         for n in 1..=4 {
             let mut images = vec![ImageSpec {

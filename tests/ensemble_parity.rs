@@ -55,15 +55,7 @@ fn request(tag: &str, latents: Option<Tensor>) -> BatchRequest {
 }
 
 fn run(loaded: &LoadedEnsemble, mode: &EnsembleMode, req: &BatchRequest) -> Capture {
-    let pipeline = SdPipeline {
-        tokenizer: loaded.tokenizer.clone(),
-        denoiser: loaded.ensemble.denoiser(mode).unwrap(),
-        vae: loaded.vae.clone(),
-        scheduler_config: loaded.scheduler.clone(),
-        device: loaded.vae.device().clone(),
-        model_name: "tiny-afa".into(),
-        limits: Limits::default(),
-    };
+    let pipeline = common::ensemble_pipeline(loaded, mode);
     let mut capture = Capture::default();
     pipeline.generate(req, &mut capture).unwrap();
     capture

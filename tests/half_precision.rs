@@ -7,7 +7,7 @@ mod common;
 
 use afa::ensemble::EnsembleMode;
 use afa::loading::ensemble::{EnsembleLoadOptions, LoadedEnsemble, open_official};
-use afa::pipeline::{BatchRequest, ImageSpec, Limits, MapsRequest, SdPipeline};
+use afa::pipeline::{BatchRequest, ImageSpec, MapsRequest};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
 use common::{Capture, official_folder};
@@ -26,15 +26,7 @@ fn load(dtype: DType, device: &Device) -> LoadedEnsemble {
 
 /// Runs one request (two images: seeds 42 and 7) and returns everything it offered.
 fn generate(loaded: &LoadedEnsemble, mode: &EnsembleMode, steps: usize) -> Capture {
-    let pipeline = SdPipeline {
-        tokenizer: loaded.tokenizer.clone(),
-        denoiser: loaded.ensemble.denoiser(mode).unwrap(),
-        vae: loaded.vae.clone(),
-        scheduler_config: loaded.scheduler.clone(),
-        device: loaded.vae.device().clone(),
-        model_name: "n2".into(),
-        limits: Limits::default(),
-    };
+    let pipeline = common::ensemble_pipeline(loaded, mode);
     let images = [(42, "a photo of a cat", "blurry"), (7, "a lighthouse", "")]
         .into_iter()
         .map(|(seed, prompt, negative)| ImageSpec {

@@ -143,6 +143,22 @@ pub fn legacy_folder(tag: &str) -> PathBuf {
     dir
 }
 
+/// The pipeline of a loaded ensemble in `mode` (default limits, on the ensemble's device).
+pub fn ensemble_pipeline<'a>(
+    loaded: &'a afa::loading::ensemble::LoadedEnsemble,
+    mode: &afa::ensemble::EnsembleMode,
+) -> afa::pipeline::SdPipeline<afa::ensemble::EnsembleDenoiser<'a>> {
+    afa::pipeline::SdPipeline {
+        tokenizer: loaded.tokenizer.clone(),
+        denoiser: loaded.ensemble.denoiser(mode).unwrap(),
+        vae: loaded.vae.clone(),
+        scheduler_config: loaded.scheduler.clone(),
+        device: loaded.vae.device().clone(),
+        model_name: "test ensemble".into(),
+        limits: afa::pipeline::Limits::default(),
+    }
+}
+
 /// An observer that keeps every tensor it is offered.
 #[derive(Default)]
 pub struct Capture(pub HashMap<String, Tensor>);
