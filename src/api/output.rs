@@ -181,7 +181,6 @@ pub(super) fn render_maps(
 ) -> Result<Vec<AttentionMap>, ApiError> {
     let internal = |e: String| ApiError::Internal(format!("rendering attention maps: {e}"));
     maps.iter()
-        .filter(|m| opts.blocks.as_ref().is_none_or(|b| b.contains(&m.point)))
         .map(|m| {
             let mut o = AttentionMap {
                 point: m.point,
@@ -237,7 +236,6 @@ mod tests {
             values: vec![1.0, 0.0, 0.5, 0.25, 0.0, 1.0, 0.5, 0.75],
         };
         let opts = MapsOutput {
-            blocks: None,
             png: true,
             f32: true,
             f16: true,
@@ -260,11 +258,6 @@ mod tests {
                 .len(),
             16
         );
-        let only = MapsOutput {
-            blocks: Some(vec![1]),
-            ..opts
-        };
-        assert!(render_maps(&[map], &only, "").unwrap().is_empty());
     }
 
     #[test]

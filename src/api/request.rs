@@ -115,11 +115,9 @@ impl From<NativeQuery> for NativeRequest {
     }
 }
 
-/// How attention maps are returned.
+/// How attention maps are encoded (which points are kept is the job's `MapsRequest`).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct MapsOutput {
-    /// Only these aggregation points (all when `None`).
-    pub blocks: Option<Vec<usize>>,
     pub png: bool,
     pub f32: bool,
     pub f16: bool,
@@ -499,10 +497,7 @@ fn parse_maps(
     } else {
         MapsRequest::Averaged(points)
     };
-    let mut out = MapsOutput {
-        blocks,
-        ..Default::default()
-    };
+    let mut out = MapsOutput::default();
     for f in &formats {
         match *f {
             "png" => out.png = true,
@@ -723,7 +718,6 @@ mod tests {
         let kept = MapPoints::only(&[0, 2]).unwrap();
         assert_eq!(v.job.attention_maps, MapsRequest::PerStep(kept));
         let m = v.maps.unwrap();
-        assert_eq!(m.blocks, Some(vec![0, 2]));
         assert!(m.png && m.f16 && !m.f32);
     }
 }
