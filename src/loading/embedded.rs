@@ -79,16 +79,15 @@ const FILES: [(&str, &[u8]); 19] = [
     ("README.md", demo_file!("README.md")),
 ];
 
-/// A content hash of the embedded files (FNV-1a), naming the cache folder.
+/// A content hash of the embedded files (xxh3-64, as the weight files are hashed), naming the
+/// cache folder.
 fn content_hash() -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (name, bytes) in FILES.iter() {
-        for b in name.as_bytes().iter().chain(bytes.iter()) {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.update(name.as_bytes());
+        h.update(bytes);
     }
-    h
+    h.digest()
 }
 
 /// Writes the embedded ensemble under `cache_root` (once per content) and returns the path of
