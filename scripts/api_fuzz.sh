@@ -43,11 +43,11 @@ EXAMPLES=${AFA_FUZZ_EXAMPLES:-30}
 LIMIT=${AFA_FUZZ_TIME_LIMIT_S:-420}
 START=$(date +%s)
 
-cargo build --quiet
 source scripts/lib/serve.sh
+resolve_afa_bin
 STATE=$(mktemp -d)
 trap 'kill "${AFA_PID:-}" 2>/dev/null || true; rm -rf "$STATE"' EXIT
-start_afa_serve "$(cd "$TARGET" && pwd)/debug/afa" "$STATE" --config models.toml
+start_afa_serve "$AFA_BIN" "$STATE" --config models.toml
 ADDR=$AFA_ADDR
 LOG=$AFA_LOG
 

@@ -25,15 +25,11 @@ if [ ! -d tests/browser/node_modules/playwright-core ] \
     (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
-if [ -z "${AFA_BIN:-}" ]; then
-    cargo build --quiet
-    AFA_BIN="${CARGO_TARGET_DIR:-target}/debug/afa"
-fi
-
 ARTIFACTS=${ARTIFACTS:-/tmp/afa-browser-artifacts}
 rm -rf "$ARTIFACTS" && mkdir -p "$ARTIFACTS"
 export ARTIFACTS
 source scripts/lib/serve.sh
+resolve_afa_bin
 STATE=$(mktemp -d)
 KEY="afa-browser-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 # The server log is a test artifact too, whatever the outcome.

@@ -12,11 +12,11 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai
 
-cargo build --quiet
 source scripts/lib/serve.sh
+resolve_afa_bin
 STATE=$(mktemp -d)
 trap 'kill "${AFA_PID:-}" 2>/dev/null || true; rm -rf "$STATE"' EXIT
-start_afa_serve ./target/debug/afa "$STATE" --config models.toml
+start_afa_serve "$AFA_BIN" "$STATE" --config models.toml
 
 
 "$VENV/bin/python" tests/openai_conformance.py "http://$AFA_ADDR"

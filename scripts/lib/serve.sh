@@ -2,8 +2,19 @@
 # browser_test.sh): start `afa serve` on a free local port with its database and data in a
 # scratch folder, wait until /ready, and stop it with SIGTERM (a clean exit is part of the test).
 #
+#   resolve_afa_bin                                   # sets AFA_BIN (absolute path)
 #   start_afa_serve BIN STATE_DIR [serve flags...]   # sets AFA_PID, AFA_ADDR, AFA_LOG
 #   stop_afa_serve                                    # SIGTERM, then the exit status of serve
+
+# The binary to test: $AFA_BIN when set (.ci/run sets it to the one `cargo test` just built, so
+# nothing is compiled twice), else a fresh `cargo build` of the debug binary.
+resolve_afa_bin() {
+    if [ -z "${AFA_BIN:-}" ]; then
+        cargo build --quiet
+        AFA_BIN="${CARGO_TARGET_DIR:-target}/debug/afa"
+    fi
+    AFA_BIN=$(cd "$(dirname "$AFA_BIN")" && pwd)/$(basename "$AFA_BIN")
+}
 
 start_afa_serve() {
     local bin=$1 state=$2
