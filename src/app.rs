@@ -14,10 +14,11 @@ use candle_core::{DType, Device};
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiConfig, ApiKeys, ApiState, JobService, JobsConfig};
+use crate::cli::device_name;
 use crate::config::ModelRegistry;
 use crate::store::{Artifacts, JobStore};
 use crate::worker::{
-    Engine, EngineLoader, RegistryEngine, WorkerConfig, WorkerHandle, start_worker,
+    DeviceLoader, Engine, EngineLoader, RegistryEngine, WorkerConfig, WorkerHandle, start_workers,
 };
 
 /// Everything `serve` needs, resolved from flags and environment.
@@ -28,7 +29,8 @@ pub struct ServeSettings {
     pub worker: WorkerConfig,
     pub shutdown_grace: Duration,
     pub api_keys: ApiKeys,
-    pub device: Device,
+    /// One executor (one resident copy of every ensemble) per device.
+    pub devices: Vec<Device>,
     /// Overrides every ensemble's dtype when set.
     pub dtype: Option<DType>,
     /// The job database (`sqlite://path`).
@@ -60,6 +62,7 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
         "auth": !s.api_keys.is_empty(),
         "result_ttl_s": s.jobs.result_ttl.as_secs(),
         "job_max_attempts": s.jobs.max_attempts,
+        "devices": s.devices.iter().map(device_name).collect::<Vec<_>>(),
     })
 }
 
@@ -85,19 +88,30 @@ async fn open_jobs(settings: &ServeSettings) -> anyhow::Result<Arc<JobService>> 
 
 async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> anyhow::Result<()> {
     let jobs = open_jobs(&settings).await?;
-    let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<String>();
-    let (device, dtype) = (settings.device.clone(), settings.dtype);
-    let loader: EngineLoader =
-        Box::new(
-            move || match RegistryEngine::load(&registry, &device, dtype) {
-                Ok(engine) => Ok(Box::new(engine) as Box<dyn Engine>),
-                Err(e) => {
-                    let _ = failed_tx.send(e.clone());
-                    Err(e)
-                }
-            },
-        );
-    let worker = start_worker(loader, settings.worker);
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let registry = Arc::new(registry);
+    let loaders = settings
+        .devices
+        .iter()
+        .map(|device| {
+            let (registry, device, dtype) = (registry.clone(), device.clone(), settings.dtype);
+            let failed_tx = failed_tx.clone();
+            let name = device_name(&device);
+            let load: EngineLoader =
+                Box::new(
+                    move || match RegistryEngine::load(&registry, &device, dtype) {
+                        Ok(engine) => Ok(Box::new(engine) as Box<dyn Engine>),
+                        Err(e) => {
+                            let _ = failed_tx.send(format!("{}: {e}", device_name(&device)));
+                            Err(e)
+                        }
+                    },
+                );
+            DeviceLoader { name, load }
+        })
+        .collect();
+    drop(failed_tx);
+    let worker = start_workers(loaders, settings.worker);
     let config = ApiConfig {
         api_keys: settings.api_keys.clone(),
         settings: settings_json(&settings),
@@ -125,7 +139,7 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
     }));
     tokio::select! {
         _ = shutdown_signal() => {}
-        Ok(message) = &mut failed_rx => {
+        Some(message) = failed_rx.recv() => {
             anyhow::bail!("loading models failed: {message}");
         }
         result = &mut server => {

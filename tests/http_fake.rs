@@ -183,6 +183,7 @@ async fn not_ready_while_loading_then_ready_then_draining() {
         .await
         .unwrap();
     assert_eq!(info["state"], "loading");
+    assert_eq!(info["devices"][0]["state"], "loading");
     control.release_load.store(true, Ordering::SeqCst);
     wait_ready(&s, Duration::from_secs(10));
     assert_eq!(reqwest::get(s.url("/ready")).await.unwrap().status(), 200);
@@ -193,6 +194,29 @@ async fn not_ready_while_loading_then_ready_then_draining() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+    let info: Value = reqwest::get(s.url("/info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let device = &info["devices"][0];
+    assert_eq!(
+        (&device["name"], &device["state"], &device["batches"]),
+        (&json!("device-0"), &json!("ready"), &json!(1)),
+        "the request's batch (the warm-up is not counted): {info}"
+    );
+    let metrics = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("afa_device_up{device=\"device-0\"} 1\n")
+            && metrics.contains("afa_device_images_completed_total{device=\"device-0\"} 1\n"),
+        "{metrics}"
+    );
     s.worker.begin_drain();
     let (status, _, body) = envelope(reqwest::get(s.url("/ready")).await.unwrap()).await;
     assert_eq!(

@@ -11,9 +11,11 @@ use super::body::ApiPath;
 use super::error::ApiError;
 use super::openai::{model_object, models_list};
 use super::schema::{
-    Info, InfoDefaults, InfoEnsemble, InfoLimits, InfoMember, ModelList, ModelObject, Status,
+    Info, InfoDefaults, InfoDevice, InfoEnsemble, InfoLimits, InfoMember, ModelList, ModelObject,
+    Status,
 };
-use crate::telemetry::WorkerGauges;
+use crate::telemetry::{DeviceGauges, WorkerGauges};
+use crate::worker::DeviceState;
 
 /// `GET /health`: the process is alive (no key needed).
 #[utoipa::path(get, path = "/health", tag = "operations",
@@ -66,6 +68,25 @@ pub async fn info(State(state): State<ApiState>) -> axum::Json<Info> {
         server: state.config.settings.clone(),
         openapi: super::apidoc::OPENAPI_PATH.into(),
         failure: state.worker.failure(),
+        devices: state
+            .worker
+            .stats()
+            .devices
+            .into_iter()
+            .map(|d| InfoDevice {
+                name: d.name,
+                state: d.state.name().into(),
+                failure: match d.state {
+                    DeviceState::Failed(reason) => Some(reason),
+                    _ => None,
+                },
+                running_images: d.running_images,
+                batches: d.batches,
+                failed_batches: d.failed_batches,
+                completed_images: d.completed_images,
+                images_per_second: d.images_per_second,
+            })
+            .collect(),
         device: None,
         dtype: None,
         default_ensemble: None,
@@ -143,6 +164,19 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
         last_batch_size: s.last_batch_size,
         ready: state.worker.is_ready(),
         draining: state.worker.is_draining(),
+        devices: s
+            .devices
+            .iter()
+            .map(|d| DeviceGauges {
+                name: d.name.clone(),
+                up: d.state == DeviceState::Ready,
+                running_images: d.running_images,
+                batches: d.batches,
+                failed_batches: d.failed_batches,
+                completed_images: d.completed_images,
+                images_per_second: d.images_per_second,
+            })
+            .collect(),
     };
     (
         [(

@@ -325,6 +325,8 @@ pub struct Info {
     /// Why the models are not served (state `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// One entry per device served on (`--devices`), each with its own copy of the models.
+    pub devices: Vec<InfoDevice>,
     /// The fields below are present once the models are loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -336,6 +338,26 @@ pub struct Info {
     pub limits: Option<InfoLimits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ensembles: Option<Vec<InfoEnsemble>>,
+}
+
+/// One device of `GET /info`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct InfoDevice {
+    /// `cpu`, `cuda:0`, ...
+    pub name: String,
+    /// `loading`, `ready` (takes batches) or `failed` (out of service).
+    pub state: String,
+    /// Why it is out of service (state `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Images in the batch it runs now.
+    pub running_images: usize,
+    pub batches: u64,
+    /// Batches that failed on it (errors or panics).
+    pub failed_batches: u64,
+    pub completed_images: u64,
+    /// Measured throughput (moving average).
+    pub images_per_second: f64,
 }
 
 /// `return_attention_maps`: `false`/`null` (none), `true` (averaged PNG heat maps of every

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::DType;
 use clap::Args;
 
 use crate::bench::{BenchOptions, BenchPart, run};
@@ -73,13 +72,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid --parts: {e}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let device = super::generate::select_device(args.device)?;
-    let dtype = match args.dtype {
-        DtypeArg::F32 => DType::F32,
-        DtypeArg::F16 => DType::F16,
-        DtypeArg::Bf16 => DType::BF16,
-    };
-    crate::models::check_precision(dtype, &device).map_err(|e| anyhow::anyhow!("--dtype {e}"))?;
+    let device = args.device.select()?;
+    let dtype = args.dtype.for_device(&device)?;
     let opts = BenchOptions {
         parts,
         repeats: args.repeats,

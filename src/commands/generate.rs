@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{DeviceArg, DtypeArg, GenerateArgs};
+use crate::cli::GenerateArgs;
 use crate::loading::checkpoint::{LoadedModel, ModelSource, load_model};
 use crate::loading::embedded::{EMBEDDED_ENSEMBLE_NAME, materialize_embedded_ensemble};
 use crate::pipeline::{
@@ -18,13 +18,8 @@ const SD15_SIDE: usize = 512;
 
 /// Runs `afa generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let device = select_device(args.device)?;
-    let dtype = match args.dtype {
-        DtypeArg::F32 => DType::F32,
-        DtypeArg::F16 => DType::F16,
-        DtypeArg::Bf16 => DType::BF16,
-    };
-    crate::models::check_precision(dtype, &device).map_err(|e| anyhow::anyhow!("--dtype {e}"))?;
+    let device = args.device.select()?;
+    let dtype = args.dtype.for_device(&device)?;
     if !args
         .out
         .extension()
@@ -175,16 +170,6 @@ fn display_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
-}
-
-pub(super) fn select_device(arg: DeviceArg) -> anyhow::Result<Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => {
-            Device::new_cuda(0).context("--device cuda (was afa built with --features cuda?)")
-        }
-        DeviceArg::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-    }
 }
 
 pub(super) fn build_request(

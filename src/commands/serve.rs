@@ -5,13 +5,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use anyhow::bail;
 use clap::Args;
 
 use crate::api::{ApiKeys, JobsConfig};
 use crate::app::{ServeSettings, serve};
-use crate::cli::{DeviceArg, DtypeArg};
+use crate::cli::{DeviceArg, DtypeArg, select_devices};
 use crate::worker::WorkerConfig;
 
 /// A secret from the command line or environment; Debug never shows it.
@@ -66,8 +65,13 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<Secret>,
+    /// Where the models run (one device; `--devices` serves on several GPUs).
     #[arg(long, env = "AFA_DEVICE", value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// CUDA devices to serve on, e.g. `0,1,2,3`: one executor per device, each with its own
+    /// resident copy of every ensemble, all fed by the one queue.
+    #[arg(long, env = "AFA_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<usize>,
     /// Weight precision for every ensemble (default: each ensemble's `dtype` in models.toml).
     #[arg(long, env = "AFA_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
@@ -99,22 +103,11 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
     if args.result_ttl_s == 0 || args.job_max_attempts == 0 {
         bail!("--result-ttl-s and --job-max-attempts must be at least 1");
     }
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => {
-            Device::new_cuda(0).context("--device cuda (was afa built with --features cuda?)")?
-        }
-        DeviceArg::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
+    let devices = select_devices(args.device, &args.devices)?;
+    let dtype = match args.dtype {
+        Some(d) => Some(d.for_device(&devices[0])?),
+        None => None,
     };
-    let dtype = args.dtype.map(|d| match d {
-        DtypeArg::F32 => DType::F32,
-        DtypeArg::F16 => DType::F16,
-        DtypeArg::Bf16 => DType::BF16,
-    });
-    if let Some(dtype) = dtype {
-        crate::models::check_precision(dtype, &device)
-            .map_err(|e| anyhow::anyhow!("--dtype {e}"))?;
-    }
     Ok(ServeSettings {
         config: args.config.clone(),
         bind: args.bind.clone(),
@@ -126,7 +119,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         },
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         api_keys: ApiKeys::new(args.api_keys.iter().map(|k| k.0.clone()).collect()),
-        device,
+        devices,
         dtype,
         database_url: args.database_url.clone(),
         data_dir: args.data_dir.clone(),
@@ -188,6 +181,30 @@ mod tests {
         };
         let err = settings(&args("bf16")).unwrap_err().to_string();
         assert!(err.contains("bf16 needs a GPU"), "{err}");
-        assert_eq!(settings(&args("f16")).unwrap().dtype, Some(DType::F16));
+        assert_eq!(
+            settings(&args("f16")).unwrap().dtype,
+            Some(candle_core::DType::F16)
+        );
+    }
+
+    /// `--devices` lists CUDA ordinals; on a machine without CUDA (or a build without the
+    /// feature) each is an error naming the device, and a repeated one is refused.
+    #[test]
+    fn devices_are_parsed_and_checked() {
+        let t = T::try_parse_from(["t", "--devices", "0,1"]).unwrap();
+        assert_eq!(t.serve.devices, vec![0, 1]);
+        if !candle_core::utils::cuda_is_available() {
+            let err = format!("{:#}", settings(&t.serve).unwrap_err());
+            assert!(err.contains("CUDA device 0"), "{err}");
+        }
+        let t = T::try_parse_from(["t", "--devices", "1,1"]).unwrap();
+        let err = format!("{:#}", settings(&t.serve).unwrap_err());
+        assert!(err.contains("device 1 twice"), "{err}");
+        let t = T::try_parse_from(["t", "--device", "cpu", "--devices", "0"]).unwrap();
+        let err = settings(&t.serve).unwrap_err().to_string();
+        assert!(err.contains("--device cpu"), "{err}");
+        let s = settings(&T::try_parse_from(["t", "--device", "cpu"]).unwrap().serve).unwrap();
+        assert_eq!(s.devices.len(), 1);
+        assert!(s.devices[0].is_cpu());
     }
 }

@@ -57,12 +57,7 @@ impl EnsembleSource {
 
     /// The device of --device.
     pub fn device(&self) -> anyhow::Result<Device> {
-        Ok(match self.device {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::new_cuda(0)
-                .context("--device cuda (was afa built with --features cuda?)")?,
-            DeviceArg::Auto => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
-        })
+        self.device.select()
     }
 }
 

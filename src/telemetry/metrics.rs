@@ -74,6 +74,71 @@ pub struct WorkerGauges {
     pub last_batch_size: usize,
     pub ready: bool,
     pub draining: bool,
+    pub devices: Vec<DeviceGauges>,
+}
+
+/// One device's numbers at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceGauges {
+    /// The `device` label: `cpu`, `cuda:0`, ...
+    pub name: String,
+    pub up: bool,
+    pub running_images: usize,
+    pub batches: u64,
+    pub failed_batches: u64,
+    pub completed_images: u64,
+    pub images_per_second: f64,
+}
+
+impl DeviceGauges {
+    /// Writes every per-device family, one sample per device.
+    fn render_all(devices: &[DeviceGauges], out: &mut String) {
+        type Value = fn(&DeviceGauges) -> f64;
+        let families: [(&str, &str, &str, Value); 6] = [
+            (
+                DEVICE_UP,
+                "gauge",
+                "1 while the device takes batches",
+                |d| f64::from(u8::from(d.up)),
+            ),
+            (
+                DEVICE_RUNNING_IMAGES,
+                "gauge",
+                "Images in the batch the device runs",
+                |d| d.running_images as f64,
+            ),
+            (
+                DEVICE_BATCHES,
+                "counter",
+                "Batches run on the device",
+                |d| d.batches as f64,
+            ),
+            (
+                DEVICE_FAILED_BATCHES,
+                "counter",
+                "Batches that failed on the device",
+                |d| d.failed_batches as f64,
+            ),
+            (
+                DEVICE_IMAGES,
+                "counter",
+                "Images generated on the device",
+                |d| d.completed_images as f64,
+            ),
+            (
+                DEVICE_IMAGES_PER_SECOND,
+                "gauge",
+                "The device's measured throughput (moving average)",
+                |d| d.images_per_second,
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for d in devices {
+                let _ = writeln!(out, "{name}{{device=\"{}\"}} {}", d.name, value(d));
+            }
+        }
+    }
 }
 
 /// Everything the HTTP layer measures itself. Shared by all requests (`Arc<Metrics>`).
@@ -247,6 +312,7 @@ impl Metrics {
         for (route, h) in self.request_seconds.lock().unwrap().iter() {
             h.render(&mut out, REQUEST_SECONDS, &format!("route=\"{route}\","));
         }
+        DeviceGauges::render_all(&w.devices, &mut out);
         let _ = writeln!(
             out,
             "# HELP {HTTP_RESPONSES} HTTP responses by route and status\n# TYPE {HTTP_RESPONSES} counter"
@@ -285,7 +351,22 @@ mod tests {
         m.response("/generate", 200);
         m.request_duration("/generate", Duration::from_millis(20));
         m.job_finished(Duration::from_millis(1), [Duration::from_millis(2); 4]);
-        let text = m.render(&WorkerGauges::default());
+        let gauges = WorkerGauges {
+            devices: vec![
+                DeviceGauges {
+                    name: "cuda:0".into(),
+                    up: true,
+                    batches: 3,
+                    ..Default::default()
+                },
+                DeviceGauges {
+                    name: "cuda:1".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = m.render(&gauges);
         for name in [
             QUEUE_DEPTH,
             QUEUE_WAIT,
@@ -299,6 +380,20 @@ mod tests {
             assert!(text.contains(name), "{name} missing");
         }
         assert!(text.contains("afa_rejections_total{reason=\"queue_full\"} 1"));
+        assert!(
+            text.contains("afa_device_up{device=\"cuda:0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("afa_device_up{device=\"cuda:1\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("afa_device_batches_total{device=\"cuda:0\"} 3\n"));
+        assert_eq!(
+            text.matches("# TYPE afa_device_batches_total counter")
+                .count(),
+            1
+        );
         assert!(text.contains("afa_stage_seconds_bucket{stage=\"denoise\",le=\"0.005\"} 1"));
     }
 }

@@ -4,7 +4,7 @@
 //! outcomes into [`Metrics`].
 mod metrics;
 
-pub use metrics::{Histogram, Metrics, WorkerGauges};
+pub use metrics::{DeviceGauges, Histogram, Metrics, WorkerGauges};
 
 /// Images waiting in the queue (gauge).
 pub const QUEUE_DEPTH: &str = "afa_queue_depth_images";
@@ -38,6 +38,19 @@ pub const HTTP_RESPONSES: &str = "afa_http_responses_total";
 pub const READY: &str = "afa_ready";
 /// 1 while the server drains for shutdown (gauge).
 pub const DRAINING: &str = "afa_draining";
+
+/// Per device (label `device`): 1 while it takes batches, 0 while loading or out of service.
+pub const DEVICE_UP: &str = "afa_device_up";
+/// Per device: images in the batch it runs now (gauge).
+pub const DEVICE_RUNNING_IMAGES: &str = "afa_device_running_images";
+/// Per device: batches run (counter).
+pub const DEVICE_BATCHES: &str = "afa_device_batches_total";
+/// Per device: batches that failed on it (counter).
+pub const DEVICE_FAILED_BATCHES: &str = "afa_device_failed_batches_total";
+/// Per device: images generated (counter).
+pub const DEVICE_IMAGES: &str = "afa_device_images_completed_total";
+/// Per device: measured throughput, moving average (gauge).
+pub const DEVICE_IMAGES_PER_SECOND: &str = "afa_device_images_per_second";
 
 /// Stages reported under [`STAGE_SECONDS`].
 pub const STAGES: [&str; 4] = ["text_encode", "denoise", "decode", "png_encode"];

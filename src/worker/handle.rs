@@ -1,20 +1,18 @@
-//! The worker: a handle that async code uses to submit jobs, and the executor thread that owns
-//! the engine (models never run on the async runtime). Cancellation is the dropping of a job's
-//! event receiver: queued images are removed, running ones are dropped at the next step.
+//! The worker's async-facing side: a handle that async code uses to submit jobs and read
+//! counters, and the state it shares with the executor threads (`executor.rs`), one per device,
+//! each owning its own resident copy of the models (models never run on the async runtime).
+//! Cancellation is the dropping of a job's event receiver: queued images are removed, running
+//! ones are dropped at the next step.
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use super::contract::{
-    GenerationJob, ImageResult, JobError, JobEvent, JobOutput, JobTimings, SubmitError,
-};
+use super::contract::{GenerationJob, ImageResult, JobEvent, JobTimings, SubmitError};
 use super::engine::{Catalog, Engine, validate_job};
 use super::queue::{Queue, WorkItem};
-use crate::pipeline::Observer;
 
 /// Worker settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,6 +58,51 @@ pub struct WorkerStats {
     pub queue_wait_seconds: Vec<f64>,
     /// Summed stage times of completed images.
     pub stage_seconds: JobTimings,
+    /// One entry per device, in the order of `--devices`.
+    pub devices: Vec<DeviceStats>,
+}
+
+/// Where one device's executor stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Loading its copy of the models, or warming up.
+    Loading,
+    /// Taking batches from the queue.
+    Ready,
+    /// Out of service, with the reason: its models failed to load or warm up, or
+    /// [`MAX_CONSECUTIVE_FAILURES`] batches in a row failed on it.
+    Failed(String),
+}
+
+impl DeviceState {
+    /// `loading`, `ready` or `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceState::Loading => "loading",
+            DeviceState::Ready => "ready",
+            DeviceState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// A device's executor after this many failed batches in a row (errors or panics) stops
+/// taking work: a GPU in a broken state would otherwise fail every batch sent its way.
+pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+
+/// One device's counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStats {
+    /// `cpu`, `cuda:0`, ... (or a test's name).
+    pub name: String,
+    pub state: DeviceState,
+    /// Images in the batch it runs now.
+    pub running_images: usize,
+    pub batches: u64,
+    /// Batches that failed (an engine error or a panic) on it.
+    pub failed_batches: u64,
+    pub completed_images: u64,
+    /// Its measured throughput (exponentially weighted).
+    pub images_per_second: f64,
 }
 
 /// A submitted job: its id and its events (`Queued`, `Progress`..., then one `Finished`).
@@ -71,39 +114,84 @@ pub struct JobTicket {
 }
 
 /// Bookkeeping of an accepted job.
-struct JobState {
-    tx: UnboundedSender<JobEvent>,
-    results: Vec<Option<ImageResult>>,
-    pending: usize,
-    timings: JobTimings,
-    experts: Vec<String>,
-    accepted_at: Instant,
+pub(super) struct JobState {
+    pub(super) tx: UnboundedSender<JobEvent>,
+    pub(super) results: Vec<Option<ImageResult>>,
+    pub(super) pending: usize,
+    pub(super) timings: JobTimings,
+    pub(super) experts: Vec<String>,
+    pub(super) accepted_at: Instant,
 }
 
-struct State {
-    queue: Queue,
-    jobs: HashMap<u64, JobState>,
-    running: usize,
-    stats: WorkerStats,
-    catalog: Option<Arc<Catalog>>,
-    shutdown: bool,
+/// Everything behind the worker's one lock.
+pub(super) struct State {
+    pub(super) queue: Queue,
+    pub(super) jobs: HashMap<u64, JobState>,
+    /// Images in running batches, all devices together.
+    pub(super) running: usize,
+    /// `stats.devices[i]` is device i's; the totals are summed over them.
+    pub(super) stats: WorkerStats,
+    /// Per device, its failed batches since its last successful one.
+    pub(super) consecutive_failures: Vec<u32>,
+    pub(super) catalog: Option<Arc<Catalog>>,
+    pub(super) shutdown: bool,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    work: Condvar,
-    idle: Condvar,
-    ready: AtomicBool,
-    draining: AtomicBool,
-    /// Why the worker will never turn ready (loading or warm-up failed).
-    failure: Mutex<Option<String>>,
+impl State {
+    /// Images per second of the devices in service, together.
+    pub(super) fn throughput(&self) -> f64 {
+        self.stats
+            .devices
+            .iter()
+            .filter(|d| d.state == DeviceState::Ready)
+            .map(|d| d.images_per_second)
+            .sum()
+    }
+
+    /// Devices that take batches now.
+    pub(super) fn ready_devices(&self) -> usize {
+        self.stats
+            .devices
+            .iter()
+            .filter(|d| d.state == DeviceState::Ready)
+            .count()
+    }
+}
+
+/// What the handle and the executor threads share.
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
+    /// Signalled when work arrives (or shutdown).
+    pub(super) work: Condvar,
+    /// Signalled when nothing is queued or running.
+    pub(super) idle: Condvar,
+    /// Every device loaded and warmed up, and at least one still in service.
+    pub(super) ready: AtomicBool,
+    pub(super) draining: AtomicBool,
+    /// Why the worker will not (or no longer) serve: a device failed to load or warm up, or
+    /// every device went out of service.
+    pub(super) failure: Mutex<Option<String>>,
     next_id: AtomicU64,
-    config: WorkerConfig,
+    pub(super) config: WorkerConfig,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a failure was recorded.
+    pub(super) fn has_failed(&self) -> bool {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Records why the worker does not serve (the first reason wins).
+    pub(super) fn set_failure(&self, reason: String) {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        failure.get_or_insert(reason);
     }
 }
 
@@ -116,10 +204,44 @@ pub struct WorkerHandle {
 /// Builds the engine on the executor thread.
 pub type EngineLoader = Box<dyn FnOnce() -> Result<Box<dyn Engine>, String> + Send>;
 
-/// Spawns the executor thread; `load` runs on it, then a warm-up batch per ensemble, then the
-/// worker turns ready. A failed load or warm-up is logged and leaves the worker not ready, with
-/// the reason in `failure()`.
+/// One device to serve on: its name (`cpu`, `cuda:0`, ...) and how to load its own resident
+/// copy of the models there.
+pub struct DeviceLoader {
+    pub name: String,
+    pub load: EngineLoader,
+}
+
+/// [`start_workers`] with one device, called `device-0`.
 pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
+    start_workers(
+        vec![DeviceLoader {
+            name: "device-0".into(),
+            load,
+        }],
+        config,
+    )
+}
+
+/// Spawns one executor thread per device, all fed by one queue. Each loads its engine, runs a
+/// warm-up batch per ensemble, then takes batches; the worker turns ready when every device
+/// has. A failed load or warm-up is logged and leaves the worker not ready, with the reason
+/// (naming the device) in `failure()`. A device whose batches keep failing goes out of service
+/// ([`MAX_CONSECUTIVE_FAILURES`]) while the others go on; when none is left, queued work fails
+/// with a clear error and the worker is no longer ready.
+pub fn start_workers(devices: Vec<DeviceLoader>, config: WorkerConfig) -> WorkerHandle {
+    assert!(!devices.is_empty(), "a worker needs at least one device");
+    let device_stats = devices
+        .iter()
+        .map(|d| DeviceStats {
+            name: d.name.clone(),
+            state: DeviceState::Loading,
+            running_images: 0,
+            batches: 0,
+            failed_batches: 0,
+            completed_images: 0,
+            images_per_second: 0.0,
+        })
+        .collect();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: Queue::new(config.queue_capacity),
@@ -127,8 +249,10 @@ pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
             running: 0,
             stats: WorkerStats {
                 queue_capacity: config.queue_capacity,
+                devices: device_stats,
                 ..Default::default()
             },
+            consecutive_failures: vec![0; devices.len()],
             catalog: None,
             shutdown: false,
         }),
@@ -140,16 +264,18 @@ pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
         next_id: AtomicU64::new(1),
         config,
     });
-    let thread_shared = shared.clone();
-    std::thread::Builder::new()
-        .name("afa-executor".into())
-        .spawn(move || executor(thread_shared, load))
-        .expect("spawning the executor thread");
+    for (index, device) in devices.into_iter().enumerate() {
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("afa-executor-{index}"))
+            .spawn(move || super::executor::run_device(thread_shared, index, device))
+            .expect("spawning an executor thread");
+    }
     WorkerHandle { shared }
 }
 
 /// Seconds until `queued` images are likely done at `rate` images/s (1..=600).
-fn retry_after(queued: usize, rate: f64) -> Duration {
+pub(super) fn retry_after(queued: usize, rate: f64) -> Duration {
     let secs = if rate > 0.0 {
         (queued as f64 / rate).ceil()
     } else {
@@ -200,7 +326,7 @@ impl WorkerHandle {
             state.stats.rejected_full += 1;
             let ahead = full.queued + state.running;
             return Err(SubmitError::QueueFull {
-                retry_after: retry_after(ahead + n, state.stats.images_per_second),
+                retry_after: retry_after(ahead + n, state.throughput()),
             });
         }
         let (tx, rx) = unbounded_channel();
@@ -227,7 +353,8 @@ impl WorkerHandle {
         self.shared.ready.load(Ordering::SeqCst) && !self.is_draining()
     }
 
-    /// Why the worker will never turn ready (models failed to load or to warm up).
+    /// Why the worker does not serve: a device's models failed to load or to warm up, or every
+    /// device went out of service.
     pub fn failure(&self) -> Option<String> {
         self.shared
             .failure
@@ -252,6 +379,7 @@ impl WorkerHandle {
         let mut stats = state.stats.clone();
         stats.queued_images = state.queue.len();
         stats.running_images = state.running;
+        stats.images_per_second = state.throughput();
         stats
     }
 
@@ -281,293 +409,9 @@ impl WorkerHandle {
         }
     }
 
-    /// Stops the executor thread after the current batch (queued work is failed).
+    /// Stops the executor threads after their current batches.
     pub fn shutdown(&self) {
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
-    }
-}
-
-/// The executor thread: load, warm up, then run batches until shut down.
-fn executor(shared: Arc<Shared>, load: EngineLoader) {
-    let fail = |public: String, detail: String| {
-        tracing::error!("{public}: {detail}");
-        eprintln!("error: {public}: {detail}");
-        *shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(public);
-    };
-    let mut engine = match load() {
-        Ok(e) => e,
-        Err(e) => return fail("loading models failed (see the server log)".into(), e),
-    };
-    let catalog = Arc::new(engine.catalog());
-    if let Err((ensemble, e)) = warm_up(engine.as_mut(), &catalog) {
-        return fail(
-            format!("the warm-up of ensemble '{ensemble}' failed (see the server log)"),
-            e.to_string(),
-        );
-    }
-    shared.lock().catalog = Some(catalog);
-    shared.ready.store(true, Ordering::SeqCst);
-    tracing::info!("models loaded; ready");
-    while let Some(batch) = next_batch(&shared) {
-        run_batch(&shared, engine.as_mut(), batch);
-    }
-}
-
-/// One tiny generation per ensemble, so the first request does not pay for lazy set-up and an
-/// ensemble that cannot generate is found before the server turns ready.
-fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) -> Result<(), (String, JobError)> {
-    for e in &catalog.ensembles {
-        let min = catalog.limits.min_side;
-        let key = super::BatchKey {
-            ensemble: e.name.clone(),
-            mode: if e.modes.contains(&e.default_mode) {
-                e.default_mode.clone()
-            } else {
-                "mean".into()
-            },
-            width: e.allowed_sizes.first().map(|s| s.0).unwrap_or(min),
-            height: e.allowed_sizes.first().map(|s| s.1).unwrap_or(min),
-            steps: 1,
-            scheduler: crate::schedulers::SchedulerKind::Ddim,
-            attention_maps: crate::pipeline::MapsRequest::Off,
-        };
-        let image = crate::pipeline::ImageSpec {
-            prompt: "warm-up".into(),
-            negative_prompt: String::new(),
-            seed: 0,
-            guidance_scale: 1.0,
-        };
-        engine
-            .run(&key, &[image], &mut ())
-            .map_err(|e| (key.ensemble.clone(), e))?;
-    }
-    Ok(())
-}
-
-/// Waits for work, then takes a batch (waiting up to `batch_wait` for more compatible images).
-fn next_batch(shared: &Shared) -> Option<Vec<WorkItem>> {
-    let cfg = shared.config;
-    let mut state = shared.lock();
-    'wait_for_work: loop {
-        if state.shutdown {
-            return None;
-        }
-        drop_cancelled_and_expired(&mut state, cfg.request_timeout);
-        if state.queue.is_empty() {
-            shared.idle.notify_all();
-            state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
-            continue;
-        }
-        let deadline = Instant::now() + cfg.batch_wait;
-        while state.queue.ready_for_next(cfg.max_batch) < cfg.max_batch && !state.shutdown {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            state = shared
-                .work
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            drop_cancelled_and_expired(&mut state, cfg.request_timeout);
-            if state.queue.is_empty() {
-                // Everything waiting was cancelled meanwhile: wait for new work.
-                continue 'wait_for_work;
-            }
-        }
-        break;
-    }
-    let batch = state.queue.take_batch(cfg.max_batch);
-    state.running = batch.len();
-    for id in state.queue.waiting_jobs() {
-        if let (Some(position), Some(job)) = (state.queue.position(id), state.jobs.get(&id)) {
-            let _ = job.tx.send(JobEvent::Queued { position });
-        }
-    }
-    Some(batch)
-}
-
-/// Removes queued images of jobs whose receiver is gone, and fails jobs past the timeout.
-fn drop_cancelled_and_expired(state: &mut State, timeout: Duration) {
-    let ids: Vec<u64> = state.queue.waiting_jobs();
-    for id in ids {
-        let Some(job) = state.jobs.get(&id) else {
-            continue;
-        };
-        if job.tx.is_closed() {
-            let n = state.queue.remove_job(id) as u64;
-            state.stats.cancelled_images += n;
-            state.jobs.remove(&id);
-        } else if job.accepted_at.elapsed() > timeout {
-            state.queue.remove_job(id);
-            if let Some(job) = state.jobs.remove(&id) {
-                let _ = job
-                    .tx
-                    .send(JobEvent::Finished(Err(JobError::TimedOut(timeout))));
-                state.stats.failed_jobs += 1;
-            }
-        }
-    }
-}
-
-/// Forwards batch progress to the jobs in it and reports their cancellation.
-struct BatchObserver<'a> {
-    shared: &'a Shared,
-    items: &'a [WorkItem],
-    timeout: Duration,
-}
-
-impl Observer for BatchObserver<'_> {
-    fn step(&mut self, done: usize, total: usize) {
-        let state = self.shared.lock();
-        let mut seen = Vec::new();
-        for item in self.items {
-            if seen.contains(&item.job_id) {
-                continue;
-            }
-            seen.push(item.job_id);
-            if let Some(job) = state.jobs.get(&item.job_id) {
-                let _ = job.tx.send(JobEvent::Progress { step: done, total });
-            }
-        }
-    }
-
-    fn is_image_cancelled(&self, index: usize) -> bool {
-        let state = self.shared.lock();
-        match state.jobs.get(&self.items[index].job_id) {
-            None => true,
-            Some(job) => job.tx.is_closed() || job.accepted_at.elapsed() > self.timeout,
-        }
-    }
-}
-
-/// Runs one batch, isolating panics, and delivers results.
-fn run_batch(shared: &Shared, engine: &mut dyn Engine, batch: Vec<WorkItem>) {
-    let key = batch[0].key.clone();
-    let specs: Vec<_> = batch.iter().map(|i| i.spec.clone()).collect();
-    let started = Instant::now();
-    let mut observer = BatchObserver {
-        shared,
-        items: &batch,
-        timeout: shared.config.request_timeout,
-    };
-    let outcome =
-        std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(&key, &specs, &mut observer)))
-            .unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!("batch for {} panicked: {message}", key.ensemble);
-                Err(JobError::Failed(format!("the batch panicked: {message}")))
-            });
-    let elapsed = started.elapsed();
-    let mut state = shared.lock();
-    state.running = 0;
-    state.stats.batches += 1;
-    state.stats.last_batch_size = batch.len();
-    match outcome {
-        Ok(outcome) => deliver(
-            &mut state,
-            &batch,
-            outcome,
-            elapsed,
-            shared.config.request_timeout,
-        ),
-        Err(error) => {
-            for id in unique_jobs(&batch) {
-                state.queue.remove_job(id);
-                if let Some(job) = state.jobs.remove(&id) {
-                    let _ = job.tx.send(JobEvent::Finished(Err(error.clone())));
-                    state.stats.failed_jobs += 1;
-                }
-            }
-        }
-    }
-    if state.queue.is_empty() {
-        shared.idle.notify_all();
-    }
-}
-
-fn unique_jobs(batch: &[WorkItem]) -> Vec<u64> {
-    let mut ids: Vec<u64> = batch.iter().map(|i| i.job_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// Stores each image's result in its job, finishing jobs whose last image arrived.
-fn deliver(
-    state: &mut State,
-    batch: &[WorkItem],
-    outcome: super::engine::BatchOutcome,
-    elapsed: Duration,
-    timeout: Duration,
-) {
-    let done = outcome.images.iter().filter(|i| i.is_some()).count();
-    if done > 0 {
-        let rate = done as f64 / elapsed.as_secs_f64().max(1e-6);
-        let s = &mut state.stats;
-        s.images_per_second = if s.images_per_second == 0.0 {
-            rate
-        } else {
-            0.7 * s.images_per_second + 0.3 * rate
-        };
-    }
-    for (item, result) in batch.iter().zip(outcome.images) {
-        let wait = item.enqueued_at.elapsed().saturating_sub(elapsed);
-        let Some(job) = state.jobs.get_mut(&item.job_id) else {
-            continue;
-        };
-        let Some(image) = result else {
-            // Cancelled (receiver gone) or timed out mid-run.
-            let timed_out = job.accepted_at.elapsed() > timeout;
-            let tx = job.tx.clone();
-            state.queue.remove_job(item.job_id);
-            state.jobs.remove(&item.job_id);
-            if timed_out {
-                let _ = tx.send(JobEvent::Finished(Err(JobError::TimedOut(timeout))));
-                state.stats.failed_jobs += 1;
-            } else {
-                state.stats.cancelled_images += 1;
-            }
-            continue;
-        };
-        job.results[item.image_index] = Some(image);
-        job.pending -= 1;
-        job.experts = outcome.experts.clone();
-        let share = batch.len() as u32;
-        let t = &mut job.timings;
-        t.queue = t.queue.max(wait);
-        t.text_encode += outcome.timings.text_encode / share;
-        t.denoise += outcome.timings.denoise / share;
-        t.decode += outcome.timings.decode / share;
-        t.png_encode += outcome.timings.png_encode / share;
-        state.stats.completed_images += 1;
-        let waits = &mut state.stats.queue_wait_seconds;
-        waits.push(wait.as_secs_f64());
-        if waits.len() > 256 {
-            waits.remove(0);
-        }
-        if job.pending == 0 {
-            let job = state.jobs.remove(&item.job_id).expect("present");
-            let s = &mut state.stats.stage_seconds;
-            s.text_encode += job.timings.text_encode;
-            s.denoise += job.timings.denoise;
-            s.decode += job.timings.decode;
-            s.png_encode += job.timings.png_encode;
-            let output = JobOutput {
-                images: job
-                    .results
-                    .into_iter()
-                    .map(|r| r.expect("every image delivered"))
-                    .collect(),
-                timings: job.timings,
-                experts: job.experts,
-            };
-            let _ = job.tx.send(JobEvent::Finished(Ok(output)));
-        }
     }
 }

@@ -1,8 +1,9 @@
 //! The work queue between the HTTP layer and the models: a bounded queue counted in images,
-//! a batcher that groups compatible work by `BatchKey`, one executor thread that owns the
-//! models, cancellation and progress events.
+//! a batcher that groups compatible work by `BatchKey`, one executor thread per device that
+//! owns that device's copy of the models, cancellation and progress events.
 pub mod contract;
 pub mod engine;
+mod executor;
 mod handle;
 pub mod queue;
 
@@ -14,4 +15,7 @@ pub use contract::{
     SubmitError,
 };
 pub use engine::{BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, validate_job};
-pub use handle::{EngineLoader, JobTicket, WorkerConfig, WorkerHandle, WorkerStats, start_worker};
+pub use handle::{
+    DeviceLoader, DeviceState, DeviceStats, EngineLoader, JobTicket, MAX_CONSECUTIVE_FAILURES,
+    WorkerConfig, WorkerHandle, WorkerStats, start_worker, start_workers,
+};
