@@ -1,6 +1,7 @@
 //! One worker, several devices (fake ones): each device's executor takes batches from the one
-//! queue at the same time, counts its own work, and a device whose batches keep failing goes
-//! out of service while the others serve; when none is left, queued work fails clearly.
+//! queue at the same time and counts its own work; a batch failing on one device fails only its
+//! own jobs, with the error, and every device goes on serving; a device that cannot load keeps
+//! the worker from turning ready and is named.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -10,8 +11,8 @@ use afa::pipeline::{ImageSpec, Limits, MapsRequest, Observer};
 use afa::schedulers::SchedulerKind;
 use afa::worker::{
     BatchKey, BatchOutcome, Catalog, DeviceLoader, DeviceState, Engine, EnsembleCatalog,
-    GenerationJob, ImageResult, JobError, JobEvent, JobOutput, JobTicket, JobTimings,
-    MAX_CONSECUTIVE_FAILURES, SubmitError, WorkerConfig, WorkerHandle, start_workers,
+    GenerationJob, ImageResult, JobError, JobEvent, JobOutput, JobTicket, JobTimings, SubmitError,
+    WorkerConfig, WorkerHandle, start_workers,
 };
 
 /// How a fake device behaves.
@@ -244,13 +245,16 @@ fn every_device_takes_batches_from_the_one_queue_at_the_same_time() {
 }
 
 #[test]
-fn a_device_whose_batches_keep_failing_goes_out_of_service_and_the_others_serve() {
+fn a_batch_failing_on_one_device_fails_only_its_jobs_and_every_device_serves_on() {
     let (w, _) = workers(&[Behaviour::Broken, Behaviour::Works], 1);
     let tickets: Vec<_> = (0..20).map(|i| w.submit(job(i)).unwrap()).collect();
-    let mut failed = 0;
+    let (mut failed, mut done) = (0u64, 0u64);
     for ticket in tickets {
         match finish(ticket) {
-            Ok(out) => assert_eq!(out.images[0].png, b"dev-1"),
+            Ok(out) => {
+                assert_eq!(out.images[0].png, b"dev-1");
+                done += 1;
+            }
             Err(JobError::Failed(m)) => {
                 assert!(m.contains("dev-0 was lost"), "{m}");
                 failed += 1;
@@ -258,48 +262,30 @@ fn a_device_whose_batches_keep_failing_goes_out_of_service_and_the_others_serve(
             Err(e) => panic!("{e}"),
         }
     }
-    assert_eq!(failed, MAX_CONSECUTIVE_FAILURES);
+    assert!(
+        failed > 0 && done > 0,
+        "both devices took work: {failed} {done}"
+    );
     let stats = w.stats();
-    match &stats.devices[0].state {
-        DeviceState::Failed(reason) => {
-            assert!(
-                reason.contains("3 batches in a row failed on dev-0"),
-                "{reason}"
-            )
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(stats.devices[0].failed_batches, 3);
-    assert_eq!(stats.devices[1].state, DeviceState::Ready);
-    assert!(w.is_ready(), "one healthy device keeps the worker serving");
-    assert_eq!(w.failure(), None);
-    for i in 0..5 {
-        let out = finish(w.submit(job(50 + i)).unwrap()).unwrap();
-        assert_eq!(out.images[0].png, b"dev-1");
-    }
-}
-
-#[test]
-fn when_every_device_is_out_of_service_queued_work_fails_and_the_worker_is_not_ready() {
-    let (w, _) = workers(&[Behaviour::Broken, Behaviour::Broken], 1);
-    let tickets: Vec<_> = (0..12).map(|i| w.submit(job(i)).unwrap()).collect();
-    let mut lost = 0;
-    for ticket in tickets {
-        match finish(ticket) {
-            Err(JobError::Failed(m)) if m.contains("was lost") => lost += 1,
-            Err(JobError::Failed(m)) => assert!(m.contains("no device is left"), "{m}"),
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(lost, 2 * MAX_CONSECUTIVE_FAILURES);
-    assert!(!w.is_ready());
-    let failure = w.failure().unwrap();
-    assert!(failure.contains("every device"), "{failure}");
-    assert!(matches!(
-        w.submit(job(99)),
-        Err(SubmitError::NotReady { .. })
-    ));
-    assert!(w.wait_idle(Duration::from_secs(1)));
+    let (broken, working) = (&stats.devices[0], &stats.devices[1]);
+    assert_eq!(
+        (broken.failed_batches, broken.completed_images),
+        (failed, 0)
+    );
+    let last_error = broken.last_error.as_deref().unwrap();
+    assert!(last_error.contains("dev-0 was lost"), "{last_error}");
+    assert_eq!(
+        (working.failed_batches, working.completed_images),
+        (0, done)
+    );
+    assert!(stats.devices.iter().all(|d| d.state == DeviceState::Ready));
+    assert_eq!(stats.failed_jobs, failed);
+    assert!(w.is_ready() && w.failure().is_none());
+    // Both devices still take work.
+    let more: Vec<_> = (0..10).map(|i| w.submit(job(50 + i)).unwrap()).collect();
+    more.into_iter().for_each(|t| drop(finish(t)));
+    assert!(w.stats().devices[0].failed_batches > failed);
+    assert!(w.stats().devices[1].completed_images > done);
 }
 
 #[test]

@@ -83,6 +83,7 @@ pub async fn info(State(state): State<ApiState>) -> axum::Json<Info> {
                 running_images: d.running_images,
                 batches: d.batches,
                 failed_batches: d.failed_batches,
+                last_error: d.last_error,
                 completed_images: d.completed_images,
                 images_per_second: d.images_per_second,
             })

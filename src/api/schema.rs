@@ -345,7 +345,7 @@ pub struct Info {
 pub struct InfoDevice {
     /// `cpu`, `cuda:0`, ...
     pub name: String,
-    /// `loading`, `ready` (takes batches) or `failed` (out of service).
+    /// `loading`, `ready` (takes batches) or `failed` (its models did not load or warm up).
     pub state: String,
     /// Why it is out of service (state `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -353,8 +353,11 @@ pub struct InfoDevice {
     /// Images in the batch it runs now.
     pub running_images: usize,
     pub batches: u64,
-    /// Batches that failed on it (errors or panics).
+    /// Batches that failed on it (errors or panics; each failed only its own jobs).
     pub failed_batches: u64,
+    /// The error of its last failed batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     pub completed_images: u64,
     /// Measured throughput (moving average).
     pub images_per_second: f64,

@@ -1,7 +1,7 @@
 //! The executor threads, one per device: each loads its own resident copy of the models, warms
 //! up, then takes batches from the shared queue (waiting up to `batch_wait` for compatible
-//! work), runs them with panics isolated, and delivers each image to its job. A device whose
-//! batches keep failing goes out of service; the others go on.
+//! work), runs them with panics isolated, and delivers each image to its job. A batch that fails
+//! on a device (an error or a panic) fails only its own jobs; the device goes on serving.
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::contract::{JobError, JobEvent, JobOutput};
 use super::engine::{BatchOutcome, Catalog, Engine};
-use super::handle::{DeviceLoader, DeviceState, MAX_CONSECUTIVE_FAILURES, Shared, State};
+use super::handle::{DeviceLoader, DeviceState, Shared, State};
 use super::queue::WorkItem;
 use crate::pipeline::Observer;
 
-/// Device `index`'s thread: load, warm up, then run batches until shut down or out of service.
+/// Device `index`'s thread: load, warm up, then run batches until shut down.
 pub(super) fn run_device(shared: Arc<Shared>, index: usize, device: DeviceLoader) {
     let name = device.name;
     let fail = |public: String, detail: String| {
@@ -50,10 +50,7 @@ pub(super) fn run_device(shared: Arc<Shared>, index: usize, device: DeviceLoader
     }
     tracing::info!(device = %name, "models loaded and warmed up");
     while let Some(batch) = next_batch(&shared, index) {
-        if !run_batch(&shared, index, engine.as_mut(), batch) {
-            retire(&shared, index, &name);
-            return;
-        }
+        run_batch(&shared, index, engine.as_mut(), batch);
     }
 }
 
@@ -86,30 +83,6 @@ fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) -> Result<(), (String, Jo
             .map_err(|e| (key.ensemble.clone(), e))?;
     }
     Ok(())
-}
-
-/// Takes device `index` out of service after too many failed batches; when it was the last
-/// one, the worker stops being ready and the queued jobs fail (nothing could ever run them).
-fn retire(shared: &Shared, index: usize, name: &str) {
-    let reason = format!("{MAX_CONSECUTIVE_FAILURES} batches in a row failed on {name}");
-    tracing::error!(device = %name, "{reason}; the device is out of service");
-    eprintln!("error: {reason}; the device is out of service");
-    let mut state = shared.lock();
-    state.stats.devices[index].state = DeviceState::Failed(reason);
-    if state.ready_devices() > 0 {
-        return;
-    }
-    shared.ready.store(false, Ordering::SeqCst);
-    shared.set_failure("every device is out of service (see the server log)".into());
-    let error = JobError::Failed("no device is left to run it: every device failed".into());
-    for id in state.queue.waiting_jobs() {
-        state.queue.remove_job(id);
-        if let Some(job) = state.jobs.remove(&id) {
-            let _ = job.tx.send(JobEvent::Finished(Err(error.clone())));
-            state.stats.failed_jobs += 1;
-        }
-    }
-    shared.idle.notify_all();
 }
 
 /// Waits for work, then takes a batch for device `index` (waiting up to `batch_wait` for more
@@ -213,9 +186,9 @@ impl Observer for BatchObserver<'_> {
     }
 }
 
-/// Runs one batch on device `index`, isolating panics, and delivers results. False when the
-/// device has now failed [`MAX_CONSECUTIVE_FAILURES`] batches in a row.
-fn run_batch(shared: &Shared, index: usize, engine: &mut dyn Engine, batch: Vec<WorkItem>) -> bool {
+/// Runs one batch on device `index`, isolating panics, and delivers results (a failure fails
+/// the batch's jobs and is counted on the device).
+fn run_batch(shared: &Shared, index: usize, engine: &mut dyn Engine, batch: Vec<WorkItem>) {
     let key = batch[0].key.clone();
     let specs: Vec<_> = batch.iter().map(|i| i.spec.clone()).collect();
     let started = Instant::now();
@@ -243,17 +216,16 @@ fn run_batch(shared: &Shared, index: usize, engine: &mut dyn Engine, batch: Vec<
     let device = &mut state.stats.devices[index];
     device.running_images = 0;
     device.batches += 1;
-    let healthy = match outcome {
+    match outcome {
         Ok(outcome) => {
-            state.consecutive_failures[index] = 0;
             let timeout = shared.config.request_timeout;
             deliver(&mut state, index, &batch, outcome, elapsed, timeout);
-            true
         }
         Err(error) => {
-            tracing::warn!(device = %state.stats.devices[index].name, %error, "a batch failed");
-            state.stats.devices[index].failed_batches += 1;
-            state.consecutive_failures[index] += 1;
+            let device = &mut state.stats.devices[index];
+            tracing::warn!(device = %device.name, %error, "a batch failed");
+            device.failed_batches += 1;
+            device.last_error = Some(error.to_string());
             for id in unique_jobs(&batch) {
                 state.queue.remove_job(id);
                 if let Some(job) = state.jobs.remove(&id) {
@@ -261,13 +233,11 @@ fn run_batch(shared: &Shared, index: usize, engine: &mut dyn Engine, batch: Vec<
                     state.stats.failed_jobs += 1;
                 }
             }
-            state.consecutive_failures[index] < MAX_CONSECUTIVE_FAILURES
         }
-    };
+    }
     if state.queue.is_empty() && state.running == 0 {
         shared.idle.notify_all();
     }
-    healthy
 }
 
 fn unique_jobs(batch: &[WorkItem]) -> Vec<u64> {

@@ -69,8 +69,7 @@ pub enum DeviceState {
     Loading,
     /// Taking batches from the queue.
     Ready,
-    /// Out of service, with the reason: its models failed to load or warm up, or
-    /// [`MAX_CONSECUTIVE_FAILURES`] batches in a row failed on it.
+    /// Out of service, with the reason: its models failed to load or to warm up.
     Failed(String),
 }
 
@@ -85,10 +84,6 @@ impl DeviceState {
     }
 }
 
-/// A device's executor after this many failed batches in a row (errors or panics) stops
-/// taking work: a GPU in a broken state would otherwise fail every batch sent its way.
-pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
-
 /// One device's counters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceStats {
@@ -98,8 +93,10 @@ pub struct DeviceStats {
     /// Images in the batch it runs now.
     pub running_images: usize,
     pub batches: u64,
-    /// Batches that failed (an engine error or a panic) on it.
+    /// Batches that failed (an engine error or a panic) on it; each failed only its own jobs.
     pub failed_batches: u64,
+    /// The error of its last failed batch.
+    pub last_error: Option<String>,
     pub completed_images: u64,
     /// Its measured throughput (exponentially weighted).
     pub images_per_second: f64,
@@ -131,8 +128,6 @@ pub(super) struct State {
     pub(super) running: usize,
     /// `stats.devices[i]` is device i's; the totals are summed over them.
     pub(super) stats: WorkerStats,
-    /// Per device, its failed batches since its last successful one.
-    pub(super) consecutive_failures: Vec<u32>,
     pub(super) catalog: Option<Arc<Catalog>>,
     pub(super) shutdown: bool,
 }
@@ -165,11 +160,10 @@ pub(super) struct Shared {
     pub(super) work: Condvar,
     /// Signalled when nothing is queued or running.
     pub(super) idle: Condvar,
-    /// Every device loaded and warmed up, and at least one still in service.
+    /// Every device loaded and warmed up.
     pub(super) ready: AtomicBool,
     pub(super) draining: AtomicBool,
-    /// Why the worker will not (or no longer) serve: a device failed to load or warm up, or
-    /// every device went out of service.
+    /// Why the worker will not serve: a device failed to load or to warm up.
     pub(super) failure: Mutex<Option<String>>,
     next_id: AtomicU64,
     pub(super) config: WorkerConfig,
@@ -225,9 +219,8 @@ pub fn start_worker(load: EngineLoader, config: WorkerConfig) -> WorkerHandle {
 /// Spawns one executor thread per device, all fed by one queue. Each loads its engine, runs a
 /// warm-up batch per ensemble, then takes batches; the worker turns ready when every device
 /// has. A failed load or warm-up is logged and leaves the worker not ready, with the reason
-/// (naming the device) in `failure()`. A device whose batches keep failing goes out of service
-/// ([`MAX_CONSECUTIVE_FAILURES`]) while the others go on; when none is left, queued work fails
-/// with a clear error and the worker is no longer ready.
+/// (naming the device) in `failure()`. A batch that fails on a device fails only its own jobs
+/// (with the error); the device keeps serving, and its `failed_batches` and `last_error` say so.
 pub fn start_workers(devices: Vec<DeviceLoader>, config: WorkerConfig) -> WorkerHandle {
     assert!(!devices.is_empty(), "a worker needs at least one device");
     let device_stats = devices
@@ -238,6 +231,7 @@ pub fn start_workers(devices: Vec<DeviceLoader>, config: WorkerConfig) -> Worker
             running_images: 0,
             batches: 0,
             failed_batches: 0,
+            last_error: None,
             completed_images: 0,
             images_per_second: 0.0,
         })
@@ -252,7 +246,6 @@ pub fn start_workers(devices: Vec<DeviceLoader>, config: WorkerConfig) -> Worker
                 devices: device_stats,
                 ..Default::default()
             },
-            consecutive_failures: vec![0; devices.len()],
             catalog: None,
             shutdown: false,
         }),
@@ -353,8 +346,7 @@ impl WorkerHandle {
         self.shared.ready.load(Ordering::SeqCst) && !self.is_draining()
     }
 
-    /// Why the worker does not serve: a device's models failed to load or to warm up, or every
-    /// device went out of service.
+    /// Why the worker does not serve: a device's models failed to load or to warm up.
     pub fn failure(&self) -> Option<String> {
         self.shared
             .failure

@@ -7,15 +7,17 @@ mod executor;
 mod handle;
 pub mod queue;
 
-/// The pipeline types that are part of the contract (what a job asks for), so the HTTP layer
-/// names them through the worker.
+/// The types of the layers below that are part of the contract (what a job asks for), so the
+/// HTTP layer names them through the worker.
+pub use crate::ensemble::EnsembleMode;
 pub use crate::pipeline::{ImageSpec, Limits, MapPoints, MapsRequest};
+pub use crate::schedulers::SchedulerKind;
 pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
-    SubmitError,
+    SubmitError, heatmap_scale, legend_text,
 };
 pub use engine::{BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, validate_job};
 pub use handle::{
-    DeviceLoader, DeviceState, DeviceStats, EngineLoader, JobTicket, MAX_CONSECUTIVE_FAILURES,
-    WorkerConfig, WorkerHandle, WorkerStats, start_worker, start_workers,
+    DeviceLoader, DeviceState, DeviceStats, EngineLoader, JobTicket, WorkerConfig, WorkerHandle,
+    WorkerStats, start_worker, start_workers,
 };
