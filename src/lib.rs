@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod ensemble;
+pub mod ids;
 pub mod loading;
 pub mod models;
 pub mod npy;

@@ -14,10 +14,10 @@ use super::ApiState;
 use super::error::ApiError;
 use super::output::{render_maps, timings_json};
 use super::request::{MapsOutput, NativeRequest, Validated, validate};
-use crate::pipeline::maps::legend_text;
+
 use crate::store::{ArtifactFile, Artifacts, JobRow, JobStore, now_ms};
 use crate::telemetry::Metrics;
-use crate::worker::{JobError, JobEvent, JobOutput, JobTicket, SubmitError};
+use crate::worker::{JobError, JobEvent, JobOutput, JobTicket, SubmitError, legend_text};
 
 /// Settings of the job service.
 #[derive(Debug, Clone, Copy, PartialEq)]

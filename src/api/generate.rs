@@ -1,7 +1,6 @@
 //! The generation handlers: parse, validate against the catalog, submit to the worker, wait
 //! for the result (or stream it), and answer as PNG bytes or JSON. Dropping the handler's
 //! future (the client went away) drops the `JobTicket`, which cancels the job.
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,24 +27,9 @@ use super::stream::{Flavor, sse_response};
 use crate::telemetry::Metrics;
 use crate::worker::{JobEvent, JobOutput, JobTicket};
 
-/// A random u64 (SipHash of a counter under per-process random keys).
-pub fn random_u64() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
 /// A seed for a request without one: 32 bits, so every client (and A1111) can hold it.
 pub(super) fn draw_seed() -> u64 {
-    random_u64() & 0xffff_ffff
+    crate::ids::random_u64() & 0xffff_ffff
 }
 
 /// Counts a client disconnect when dropped before `finish`.

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::ApiState;
 use super::apidoc::{
@@ -30,6 +30,7 @@ use super::schema::{
     ErrorEnvelope, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData, JobView,
     MapsBundle, PngFile,
 };
+use super::stream::event;
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
 
 /// Longest accepted `Idempotency-Key`.
@@ -419,10 +420,6 @@ struct Follow {
     id: String,
     last: Option<(Option<usize>, usize)>,
     done: bool,
-}
-
-fn event(name: &str, data: &Value) -> Event {
-    Event::default().event(name).data(data.to_string())
 }
 
 impl Follow {

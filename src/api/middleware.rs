@@ -25,8 +25,8 @@ fn acceptable_id(v: &HeaderValue) -> Option<String> {
 
 /// A fresh request id (`req-` + 24 hex digits).
 pub fn new_request_id() -> String {
-    let a = super::generate::random_u64();
-    let b = super::generate::random_u64();
+    let a = crate::ids::random_u64();
+    let b = crate::ids::random_u64();
     format!("req-{a:016x}{:08x}", b as u32)
 }
 

@@ -4,7 +4,6 @@
 //! (`render_blocking`), never on the runtime's worker threads.
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -12,8 +11,7 @@ use super::request::{MapsOutput, Validated};
 use super::schema::{
     AttentionMap, ImageItem, NativeResponse, OpenAiImage, OpenAiImagesResponse, Parameters, Timings,
 };
-use crate::pipeline::maps::{heatmap_png, heatmap_scale, legend_text};
-use crate::worker::{ImageMap, JobOutput, JobTimings};
+use crate::worker::{ImageMap, JobOutput, JobTimings, legend_text};
 
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
@@ -191,10 +189,7 @@ pub(super) fn render_maps(
                 f16_base64: None,
             };
             if opts.png {
-                let t = Tensor::from_vec(m.values.clone(), m.shape.to_vec(), &Device::Cpu)
-                    .map_err(|e| internal(e.to_string()))?;
-                let scale = heatmap_scale(m.shape[2]);
-                let png = heatmap_png(&t, scale, legend).map_err(|e| internal(e.to_string()))?;
+                let png = m.heatmap_png(legend).map_err(internal)?;
                 o.heatmap_png_base64 = Some(B64.encode(png));
             }
             if opts.f32 {

@@ -9,9 +9,10 @@ use super::error::ApiError;
 #[allow(unused_imports)]
 use super::schema::{MapsOption, OutputFormat, SchedulerName};
 use crate::config::parse_size;
-use crate::ensemble::EnsembleMode;
-use crate::schedulers::SchedulerKind;
-use crate::worker::{Catalog, EnsembleCatalog, GenerationJob, ImageSpec, MapPoints, MapsRequest};
+use crate::worker::{
+    Catalog, EnsembleCatalog, EnsembleMode, GenerationJob, ImageSpec, MapPoints, MapsRequest,
+    SchedulerKind, heatmap_scale,
+};
 
 /// Body of `POST /generate` (and `POST /generate/stream`, `POST /v1/jobs`). Unknown fields are
 /// rejected. Bounds are the server's limits (`/info`); values the ensemble does not serve (a
@@ -395,7 +396,7 @@ fn map_bytes(
             per_copy += base64(2 * values);
         }
         if out.png {
-            let scale = crate::pipeline::maps::heatmap_scale(w);
+            let scale = heatmap_scale(w);
             per_copy += base64((h * scale * w * scale * 3) as u64);
         }
     }

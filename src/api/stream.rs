@@ -48,7 +48,8 @@ struct Running {
     started: Instant,
 }
 
-fn event(name: &str, data: &Value) -> Event {
+/// One Server-Sent Event: `event: name`, `data:` the JSON on one line (every SSE route's).
+pub(super) fn event(name: &str, data: &Value) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 

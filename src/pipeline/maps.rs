@@ -124,15 +124,32 @@ pub const EXPERT_COLOURS: [[u8; 3]; 8] = [
 /// `scale x scale` block. Returns PNG bytes.
 pub fn heatmap_png(map: &Tensor, scale: usize, legend: &str) -> Result<Vec<u8>, PipelineError> {
     let (n, h, w) = map.dims3()?;
+    let values = map
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    heatmap_png_from_values(&values, [n, h, w], scale, legend)
+}
+
+/// [`heatmap_png`] of a map given as row-major `values` of `shape` `[N, h, w]`.
+pub fn heatmap_png_from_values(
+    values: &[f32],
+    shape: [usize; 3],
+    scale: usize,
+    legend: &str,
+) -> Result<Vec<u8>, PipelineError> {
+    let [n, h, w] = shape;
     if n > EXPERT_COLOURS.len() {
         return Err(PipelineError::Internal(format!(
             "no colours for {n} experts"
         )));
     }
-    let values = map
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    if values.len() != n * h * w {
+        return Err(PipelineError::Internal(format!(
+            "a {n}x{h}x{w} map has {} values",
+            values.len()
+        )));
+    }
     let scale = scale.max(1);
     let (out_w, out_h) = (w * scale, h * scale);
     let mut rgb = vec![0u8; out_w * out_h * 3];

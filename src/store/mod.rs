@@ -102,21 +102,12 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// `n` random bytes as lowercase hex.
+/// `n` random bytes as lowercase hex (from [`crate::ids`]).
 pub fn random_hex(n: usize) -> StoreResult<String> {
-    let mut buf = vec![0u8; n];
-    getrandom::fill(&mut buf).map_err(|e| StoreError::Random(e.to_string()))?;
-    Ok(hex(&buf))
+    crate::ids::random_hex(n).map_err(|e| StoreError::Random(e.to_string()))
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
+pub use crate::ids::hex;
 
 /// SHA-256 of `bytes` as hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
