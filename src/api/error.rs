@@ -186,9 +186,11 @@ impl ApiError {
             SubmitError::QueueFull { retry_after } => ApiError::QueueFull { retry_after },
             SubmitError::NotReady { retry_after } => ApiError::NotReady { retry_after },
             SubmitError::Draining { retry_after } => ApiError::Draining { retry_after },
-            SubmitError::Invalid { field, reason } => {
-                ApiError::invalid(&field, format!("invalid {field}: {reason}"))
-            }
+            SubmitError::Invalid { field, reason } => ApiError::invalid(&field, reason),
+            SubmitError::TooLarge { field, reason } => ApiError::TooLarge {
+                message: reason,
+                param: Some(field),
+            },
             SubmitError::UnknownEnsemble(name) => ApiError::unknown_model(&name),
         }
     }

@@ -11,7 +11,7 @@ use super::schema::{MapsOption, OutputFormat, SchedulerName};
 use crate::config::parse_size;
 use crate::worker::{
     Catalog, EnsembleCatalog, EnsembleMode, GenerationJob, ImageSpec, MapPoints, MapsRequest,
-    SchedulerKind, heatmap_scale,
+    SchedulerKind, heatmap_scale, validate_job,
 };
 
 /// Body of `POST /generate` (and `POST /generate/stream`, `POST /v1/jobs`). Unknown fields are
@@ -147,9 +147,10 @@ pub fn validate(
     let entry = catalog
         .ensemble(name)
         .ok_or_else(|| ApiError::unknown_model(name))?;
-    check_prompt(&req.prompt, "prompt", limits.max_prompt_bytes, true)?;
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+    }
     let negative = req.negative_prompt.clone().unwrap_or_default();
-    check_prompt(&negative, "negative_prompt", limits.max_prompt_bytes, false)?;
     let max_n = limits.max_batch.min(queue_capacity.max(1));
     let n = req.n.unwrap_or(1);
     if n == 0 || n > max_n as u64 {
@@ -158,24 +159,9 @@ pub fn validate(
             format!("n must be 1..={max_n}, got {n}"),
         ));
     }
-    let (width, height) = resolve_size(req, entry, catalog)?;
+    let (width, height, size_field) = resolve_size(req, entry)?;
     let steps = req.steps.unwrap_or(entry.default_steps as u64);
-    if steps == 0 || steps > limits.max_steps as u64 {
-        return Err(ApiError::invalid(
-            "steps",
-            format!("steps must be 1..={}, got {steps}", limits.max_steps),
-        ));
-    }
     let guidance = req.guidance_scale.unwrap_or(entry.default_guidance);
-    if !guidance.is_finite() || guidance < 0.0 || guidance > limits.max_guidance {
-        return Err(ApiError::invalid(
-            "guidance_scale",
-            format!(
-                "guidance_scale must be 0..={}, got {guidance}",
-                limits.max_guidance
-            ),
-        ));
-    }
     let scheduler = parse_scheduler(req.scheduler.as_deref(), entry)?;
     let mode = parse_mode(req.ensemble_mode.as_deref(), entry)?;
     if let Some(f) = req.output_format.as_deref().filter(|f| *f != "png") {
@@ -193,6 +179,46 @@ pub fn validate(
             ),
         ));
     }
+    let seed = req.seed.unwrap_or(drawn_seed);
+    let images = (0..n)
+        .map(|i| ImageSpec {
+            prompt: req.prompt.clone(),
+            negative_prompt: negative.clone(),
+            seed: seed.wrapping_add(i),
+            guidance_scale: guidance,
+        })
+        .collect();
+    let job = GenerationJob {
+        ensemble: entry.name.clone(),
+        mode,
+        images,
+        width,
+        height,
+        steps: usize::try_from(steps).unwrap_or(usize::MAX),
+        scheduler,
+        attention_maps,
+    };
+    // The rules every job obeys (sizes, pixel budget, steps, guidance, prompt lengths, modes,
+    // served sizes) live in one place, the worker's validation, used by every entry point.
+    validate_job(catalog, &job).map_err(|e| {
+        let e = ApiError::from_submit(e);
+        match (e, size_field) {
+            (ApiError::Invalid { message, param }, Some(size))
+                if matches!(param.as_deref(), Some("width" | "height" | "size")) =>
+            {
+                ApiError::invalid(size, message)
+            }
+            (ApiError::TooLarge { message, param }, Some(size))
+                if matches!(param.as_deref(), Some("width" | "height" | "size")) =>
+            {
+                ApiError::TooLarge {
+                    message,
+                    param: Some(size.into()),
+                }
+            }
+            (e, _) => e,
+        }
+    })?;
     if let Some(out) = &maps {
         let bytes = map_bytes(entry, (width, height, steps as usize), attention_maps, out) * n;
         if bytes > limits.max_map_bytes as u64 {
@@ -207,26 +233,8 @@ pub fn validate(
             });
         }
     }
-    let seed = req.seed.unwrap_or(drawn_seed);
-    let images = (0..n)
-        .map(|i| ImageSpec {
-            prompt: req.prompt.clone(),
-            negative_prompt: negative.clone(),
-            seed: seed.wrapping_add(i),
-            guidance_scale: guidance,
-        })
-        .collect();
     Ok(Validated {
-        job: GenerationJob {
-            ensemble: entry.name.clone(),
-            mode,
-            images,
-            width,
-            height,
-            steps: steps as usize,
-            scheduler,
-            attention_maps,
-        },
+        job,
         guidance_scale: guidance,
         maps,
         stream: req.stream.unwrap_or(false),
@@ -237,40 +245,22 @@ fn mode_has_maps(mode: &EnsembleMode) -> bool {
     matches!(mode, EnsembleMode::Afa | EnsembleMode::Mean)
 }
 
-fn check_prompt(text: &str, field: &str, max: usize, required: bool) -> Result<(), ApiError> {
-    if required && text.trim().is_empty() {
-        return Err(ApiError::invalid(
-            field,
-            format!("{field} must not be empty"),
-        ));
-    }
-    if text.len() > max {
-        return Err(ApiError::invalid(
-            field,
-            format!("{field} is {} bytes; at most {max}", text.len()),
-        ));
-    }
-    Ok(())
-}
-
+/// The requested size (`size` or `width`/`height`, else the ensemble's default) and the field
+/// it came from, for errors. Its bounds are checked with the other parameters by
+/// `worker::validate_job`.
 fn resolve_size(
     req: &NativeRequest,
     entry: &EnsembleCatalog,
-    catalog: &Catalog,
-) -> Result<(usize, usize), ApiError> {
-    let limits = &catalog.limits;
-    let (w, h, param) = match (&req.size, req.width, req.height) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return Err(ApiError::invalid(
-                "size",
-                "give either size or width/height, not both",
-            ));
-        }
-        (Some(s), None, None) if s == "auto" => (
-            entry.default_width as u64,
-            entry.default_height as u64,
+) -> Result<(usize, usize, Option<&'static str>), ApiError> {
+    let side = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    match (&req.size, req.width, req.height) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(ApiError::invalid(
             "size",
-        ),
+            "give either size or width/height, not both",
+        )),
+        (Some(s), None, None) if s == "auto" => {
+            Ok((entry.default_width, entry.default_height, Some("size")))
+        }
         (Some(s), None, None) => {
             let (w, h) = parse_size(s).ok_or_else(|| {
                 ApiError::invalid(
@@ -278,62 +268,14 @@ fn resolve_size(
                     format!("size '{s}' is not WxH (for example 512x512)"),
                 )
             })?;
-            (w as u64, h as u64, "size")
+            Ok((w, h, Some("size")))
         }
-        (None, w, h) => (
-            w.unwrap_or(entry.default_width as u64),
-            h.unwrap_or(entry.default_height as u64),
-            if w.is_none() && h.is_some() {
-                "height"
-            } else {
-                "width"
-            },
-        ),
-    };
-    for (side, field) in [(w, "width"), (h, "height")] {
-        let field = if param == "size" { "size" } else { field };
-        if side < limits.min_side as u64 || side > limits.max_side as u64 {
-            return Err(ApiError::invalid(
-                field,
-                format!(
-                    "{side} is outside {}..={} pixels",
-                    limits.min_side, limits.max_side
-                ),
-            ));
-        }
-        if !side.is_multiple_of(8) {
-            return Err(ApiError::invalid(
-                field,
-                format!("{side} is not a multiple of 8"),
-            ));
-        }
+        (None, w, h) => Ok((
+            w.map_or(entry.default_width, side),
+            h.map_or(entry.default_height, side),
+            None,
+        )),
     }
-    if w * h > limits.max_pixels as u64 {
-        return Err(ApiError::TooLarge {
-            message: format!(
-                "{w}x{h} exceeds the pixel budget of {} pixels",
-                limits.max_pixels
-            ),
-            param: Some(param.to_string()),
-        });
-    }
-    let (w, h) = (w as usize, h as usize);
-    if !entry.allowed_sizes.is_empty() && !entry.allowed_sizes.contains(&(w, h)) {
-        let sizes: Vec<String> = entry
-            .allowed_sizes
-            .iter()
-            .map(|(w, h)| format!("{w}x{h}"))
-            .collect();
-        return Err(ApiError::invalid(
-            param,
-            format!(
-                "{w}x{h} is not served by {} (allowed: {})",
-                entry.name,
-                sizes.join(", ")
-            ),
-        ));
-    }
-    Ok((w, h))
 }
 
 fn parse_scheduler(s: Option<&str>, entry: &EnsembleCatalog) -> Result<SchedulerKind, ApiError> {
@@ -350,11 +292,13 @@ fn parse_scheduler(s: Option<&str>, entry: &EnsembleCatalog) -> Result<Scheduler
     }
 }
 
+/// The mode named (or the ensemble's default); whether this ensemble offers it is part of
+/// `worker::validate_job`.
 fn parse_mode(s: Option<&str>, entry: &EnsembleCatalog) -> Result<EnsembleMode, ApiError> {
     let name = s.unwrap_or(&entry.default_mode);
     match name.parse::<EnsembleMode>() {
-        Ok(m) if entry.modes.iter().any(|x| *x == m.to_string()) => Ok(m),
-        _ => Err(ApiError::invalid(
+        Ok(m) => Ok(m),
+        Err(_) => Err(ApiError::invalid(
             "ensemble_mode",
             format!(
                 "unknown ensemble_mode '{name}' for {} (one of: {})",

@@ -23,6 +23,9 @@ pub enum PipelineError {
     /// A caller mistake: names the offending field.
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// A caller mistake that asks for more than the server's budget (HTTP 413).
+    #[error("{field} too large: {reason}")]
+    TooLarge { field: &'static str, reason: String },
     /// Every image of the batch was cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -138,7 +138,7 @@ impl BatchRequest {
                 return Err(PipelineError::invalid(
                     field,
                     format!(
-                        "{side} is outside {}..={}",
+                        "{side} is outside {}..={} pixels",
                         limits.min_side, limits.max_side
                     ),
                 ));
@@ -151,18 +151,18 @@ impl BatchRequest {
             }
         }
         if self.width * self.height > limits.max_pixels {
-            return Err(PipelineError::invalid(
-                "width",
-                format!(
-                    "{}x{} exceeds the pixel budget of {}",
+            return Err(PipelineError::TooLarge {
+                field: "width",
+                reason: format!(
+                    "{}x{} exceeds the pixel budget of {} pixels",
                     self.width, self.height, limits.max_pixels
                 ),
-            ));
+            });
         }
         if self.steps == 0 || self.steps > limits.max_steps {
             return Err(PipelineError::invalid(
                 "steps",
-                format!("{} is outside 1..={}", self.steps, limits.max_steps),
+                format!("steps must be 1..={}, got {}", limits.max_steps, self.steps),
             ));
         }
         for image in &self.images {
@@ -170,20 +170,26 @@ impl BatchRequest {
             if !g.is_finite() || g < 0.0 || g > limits.max_guidance {
                 return Err(PipelineError::invalid(
                     "guidance_scale",
-                    format!("{g} is outside 0..={}", limits.max_guidance),
+                    format!(
+                        "guidance_scale must be 0..={}, got {g}",
+                        limits.max_guidance
+                    ),
                 ));
             }
-            if image.prompt.len() > limits.max_prompt_bytes {
-                return Err(PipelineError::invalid(
-                    "prompt",
-                    format!("longer than {} bytes", limits.max_prompt_bytes),
-                ));
-            }
-            if image.negative_prompt.len() > limits.max_prompt_bytes {
-                return Err(PipelineError::invalid(
-                    "negative_prompt",
-                    format!("longer than {} bytes", limits.max_prompt_bytes),
-                ));
+            for (field, text) in [
+                ("prompt", &image.prompt),
+                ("negative_prompt", &image.negative_prompt),
+            ] {
+                if text.len() > limits.max_prompt_bytes {
+                    return Err(PipelineError::invalid(
+                        field,
+                        format!(
+                            "{field} is {} bytes; at most {}",
+                            text.len(),
+                            limits.max_prompt_bytes
+                        ),
+                    ));
+                }
             }
         }
         if let Some(latents) = &self.initial_latents {

@@ -158,6 +158,9 @@ pub enum SubmitError {
     Draining { retry_after: Duration },
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
+    /// Asks for more than the server's budget (a pixel count beyond the limit).
+    #[error("{field} too large: {reason}")]
+    TooLarge { field: String, reason: String },
     #[error("unknown model '{0}'")]
     UnknownEnsemble(String),
 }

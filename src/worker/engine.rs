@@ -407,6 +407,10 @@ pub fn validate_job(
         };
         one.validate(&catalog.limits, 8).map_err(|e| match e {
             PipelineError::Invalid { field, reason } => invalid(field, reason),
+            PipelineError::TooLarge { field, reason } => SubmitError::TooLarge {
+                field: field.into(),
+                reason,
+            },
             other => invalid("request", other.to_string()),
         })?;
     }
