@@ -77,6 +77,24 @@ def main() -> None:
     with urllib.request.urlopen(url, timeout=60) as r:
         assert r.read().startswith(b"\x89PNG"), "the url does not serve a PNG"
 
+    # Official fields the client sends: honoured or accepted with a documented meaning...
+    official = client.images.generate(
+        model="tiny-afa", prompt="a lighthouse", background="opaque", moderation="low",
+        output_format="png", output_compression=100, quality="auto", safety_identifier="user-1",
+        user="user-1", extra_body={"seed": 4, "steps": 1})
+    assert base64.b64decode(official.data[0].b64_json).startswith(b"\x89PNG")
+    # ... or refused by name, with the reason.
+    for kwargs, field in ((dict(background="transparent"), "background"),
+                          (dict(moderation="strict"), "moderation"),
+                          (dict(output_compression=101), "output_compression")):
+        try:
+            client.images.generate(model="tiny-afa", prompt="a", **kwargs)
+        except openai.BadRequestError as e:
+            err = e.body.get("error", e.body) if isinstance(e.body, dict) else {}
+            assert err.get("param") == field, (kwargs, e.body)
+        else:
+            raise AssertionError(f"no BadRequestError for {kwargs}")
+
     models = client.models.list()
     ids = [m.id for m in models.data]
     assert "tiny-afa" in ids, ids

@@ -310,8 +310,9 @@ pub async fn openai(
     let started = Instant::now();
     let req: OpenAiImageRequest = parse_json(&bytes_or_error(body)?)?;
     let (native, options) = to_native(req)?;
-    if let Some(user) = &options.user {
-        tracing::info!(user = %user, "openai request");
+    if options.user.is_some() || options.safety_identifier.is_some() {
+        let (user, safety_identifier) = (&options.user, &options.safety_identifier);
+        tracing::info!(?user, ?safety_identifier, "openai request");
     }
     if options.url {
         return openai_url(&state, &caller, &headers, &native, &options.warnings).await;

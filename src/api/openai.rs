@@ -1,7 +1,9 @@
 //! The OpenAI-compatible request (`POST /v1/images/generations`) and its conversion into the
 //! native request, as a pure function. Our extensions (`seed`, `negative_prompt`, `steps`,
 //! `guidance_scale`, `scheduler`, `ensemble_mode`, `return_attention_maps`) are top-level
-//! fields, which is where the official client's `extra_body` puts them.
+//! fields, which is where the official client's `extra_body` puts them. Every field of the
+//! official API is honoured, accepted with a documented meaning, or refused by name
+//! (docs/api.md, "OpenAI-compatible").
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -9,7 +11,9 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::request::NativeRequest;
 #[allow(unused_imports)]
-use super::schema::{MapsOption, OutputFormat, Quality, ResponseFormat, SchedulerName, Style};
+use super::schema::{
+    Background, MapsOption, Moderation, OutputFormat, Quality, ResponseFormat, SchedulerName, Style,
+};
 #[allow(unused_imports)]
 use super::schema::{ModelList, ModelObject};
 use crate::worker::Catalog;
@@ -40,6 +44,23 @@ pub struct OpenAiImageRequest {
     pub user: Option<String>,
     #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
+    /// 0-100, for lossy formats; PNG (the only format served) is lossless, so a warning says it
+    /// has no effect.
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u64>,
+    /// `auto` or `opaque` (SD 1.5 images are opaque); `transparent` is refused.
+    #[schema(value_type = Option<Background>)]
+    pub background: Option<String>,
+    /// `auto` or `low`: accepted; no moderation model runs here (filter prompts upstream).
+    #[schema(value_type = Option<Moderation>)]
+    pub moderation: Option<String>,
+    /// The end user's stable id (OpenAI's successor of `user`); recorded in the request's log
+    /// line.
+    #[schema(max_length = 256)]
+    pub safety_identifier: Option<String>,
+    /// Preview images while streaming: 0 only for now (more is refused by name).
+    #[schema(minimum = 0, maximum = 0)]
+    pub partial_images: Option<u64>,
     /// Server-Sent Events (`image_generation.progress`, `image_generation.completed`).
     pub stream: Option<bool>,
     pub seed: Option<u64>,
@@ -63,6 +84,8 @@ pub struct OpenAiOptions {
     /// Notes for the response (`quality`/`style` have no effect on this model family).
     pub warnings: Vec<String>,
     pub user: Option<String>,
+    /// `safety_identifier`, logged like `user`.
+    pub safety_identifier: Option<String>,
     /// `response_format: "url"`: run as a stored job and answer with links to its images.
     pub url: bool,
     /// The `quality` the client asked for (echoed in stream events), `auto` when absent.
@@ -71,6 +94,70 @@ pub struct OpenAiOptions {
 
 const QUALITIES: [&str; 6] = ["auto", "standard", "hd", "low", "medium", "high"];
 const STYLES: [&str; 2] = ["vivid", "natural"];
+const MODERATIONS: [&str; 2] = ["auto", "low"];
+
+/// `background`, `moderation`, `output_compression`, `partial_images`: honoured where this
+/// model family can, accepted with their meaning here, or refused by name.
+fn check_official_options(
+    req: &OpenAiImageRequest,
+    warnings: &mut Vec<String>,
+) -> Result<(), ApiError> {
+    match req.background.as_deref() {
+        None | Some("auto" | "opaque") => {}
+        Some("transparent") => {
+            return Err(ApiError::invalid(
+                "background",
+                "background 'transparent' needs an alpha channel, and Stable Diffusion 1.5 draws opaque images; use 'opaque' or 'auto'",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "background",
+                format!("unknown background '{other}' (auto, opaque or transparent)"),
+            ));
+        }
+    }
+    if let Some(m) = req
+        .moderation
+        .as_deref()
+        .filter(|m| !MODERATIONS.contains(m))
+    {
+        return Err(ApiError::invalid(
+            "moderation",
+            format!("unknown moderation '{m}' (auto or low)"),
+        ));
+    }
+    match req.output_compression {
+        Some(c) if c > 100 => {
+            return Err(ApiError::invalid(
+                "output_compression",
+                format!("output_compression must be 0..=100, got {c}"),
+            ));
+        }
+        Some(c) if c < 100 => warnings.push(format!(
+            "output_compression {c} has no effect: PNG is lossless"
+        )),
+        _ => {}
+    }
+    match req.partial_images {
+        None | Some(0) => {}
+        Some(n) if n <= 3 => {
+            return Err(ApiError::invalid(
+                "partial_images",
+                format!(
+                    "partial_images {n}: preview images are not produced yet; stream without them (0) for progress events and the final image"
+                ),
+            ));
+        }
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "partial_images",
+                format!("partial_images must be 0..=3, got {n}"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Converts an OpenAI request into the native one. Validation of shared fields happens later,
 /// on the native request; here only the OpenAI-only fields are checked.
@@ -92,6 +179,7 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         ));
     }
     let mut warnings = Vec::new();
+    check_official_options(&req, &mut warnings)?;
     if let Some(q) = req.quality.as_deref() {
         if !QUALITIES.contains(&q) {
             return Err(ApiError::invalid(
@@ -137,6 +225,7 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         stream: req.stream.unwrap_or(false),
         warnings,
         user: req.user,
+        safety_identifier: req.safety_identifier,
         url,
         quality: req.quality.unwrap_or_else(|| "auto".into()),
     };
@@ -213,6 +302,31 @@ mod tests {
             "response_format"
         );
         assert_eq!(err(json!({"prompt": "a", "quality": "ultra"})), "quality");
+        for (field, value) in [
+            ("background", json!("transparent")),
+            ("background", json!("sepia")),
+            ("moderation", json!("strict")),
+            ("output_compression", json!(101)),
+            ("partial_images", json!(2)),
+            ("partial_images", json!(4)),
+        ] {
+            let mut body = json!({"prompt": "a"});
+            body[field] = value.clone();
+            assert_eq!(err(body), field, "{field} = {value}");
+        }
+        let (_, o) = to_native(parse(json!({
+            "prompt": "a", "background": "opaque", "moderation": "low", "partial_images": 0,
+            "output_compression": 100, "safety_identifier": "user-7"
+        })))
+        .unwrap();
+        assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+        assert_eq!(o.safety_identifier.as_deref(), Some("user-7"));
+        let (_, o) = to_native(parse(json!({"prompt": "a", "output_compression": 80}))).unwrap();
+        assert!(
+            o.warnings[0].contains("output_compression 80"),
+            "{:?}",
+            o.warnings
+        );
         assert_eq!(err(json!({"prompt": "a", "style": "weird"})), "style");
         let (_, o) = to_native(parse(
             json!({"prompt": "a", "quality": "hd", "style": "vivid"}),

@@ -456,6 +456,22 @@ pub enum Quality {
     High,
 }
 
+/// `auto` or `opaque` (`transparent` is refused: SD 1.5 images have no alpha).
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Background {
+    Auto,
+    Opaque,
+}
+
+/// Accepted for compatibility; no moderation model runs here.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Moderation {
+    Auto,
+    Low,
+}
+
 /// Accepted for compatibility; no effect (a warning says so).
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
