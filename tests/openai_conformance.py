@@ -83,6 +83,15 @@ def main() -> None:
         output_format="png", output_compression=100, quality="auto", safety_identifier="user-1",
         user="user-1", extra_body={"seed": 4, "steps": 1})
     assert base64.b64decode(official.data[0].b64_json).startswith(b"\x89PNG")
+    # quality without steps stands for a step count: low half the default, high twice it.
+    def steps_of(**kwargs) -> int:
+        r = client.images.generate(model="tiny-afa", prompt="a lighthouse", size="64x64",
+                                   extra_body={"seed": 5}, **kwargs)
+        params = png_text_chunks(base64.b64decode(r.data[0].b64_json))["parameters"]
+        return int(params.split("Steps: ")[1].split(",")[0])
+    default = steps_of()
+    assert steps_of(quality="low") == max(1, default // 2), default
+    assert steps_of(quality="high") == 2 * default, default
     # ... or refused by name, with the reason.
     for kwargs, field in ((dict(background="transparent"), "background"),
                           (dict(moderation="strict"), "moderation"),

@@ -18,7 +18,7 @@ use super::apidoc::{
 use super::body::{bytes_or_error, parse_json, parse_query};
 use super::error::ApiError;
 use super::middleware::{Caller, RequestId};
-use super::openai::{OpenAiImageRequest, to_native};
+use super::openai::{OpenAiImageRequest, quality_steps, to_native};
 use super::output::{native_json, openai_json, render_blocking, server_timing};
 use super::quota::{QuotaGuard, admit_sync};
 use super::request::{NativeQuery, NativeRequest, Validated, validate};
@@ -309,7 +309,19 @@ pub async fn openai(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let req: OpenAiImageRequest = parse_json(&bytes_or_error(body)?)?;
-    let (native, options) = to_native(req)?;
+    let (mut native, options) = to_native(req)?;
+    if native.steps.is_none() && options.quality != "auto" {
+        let catalog = state.ready_catalog()?;
+        let name = native.model.as_deref().unwrap_or(&catalog.default_ensemble);
+        if let Some(entry) = catalog.ensemble(name) {
+            let steps = quality_steps(
+                &options.quality,
+                entry.default_steps,
+                catalog.limits.max_steps,
+            );
+            native.steps = Some(steps as u64);
+        }
+    }
     if options.user.is_some() || options.safety_identifier.is_some() {
         let (user, safety_identifier) = (&options.user, &options.safety_identifier);
         tracing::info!(?user, ?safety_identifier, "openai request");

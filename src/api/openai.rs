@@ -81,7 +81,7 @@ pub struct OpenAiImageRequest {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct OpenAiOptions {
     pub stream: bool,
-    /// Notes for the response (`quality`/`style` have no effect on this model family).
+    /// Notes for the response (`style` has no effect on this model family).
     pub warnings: Vec<String>,
     pub user: Option<String>,
     /// `safety_identifier`, logged like `user`.
@@ -95,6 +95,18 @@ pub struct OpenAiOptions {
 const QUALITIES: [&str; 6] = ["auto", "standard", "hd", "low", "medium", "high"];
 const STYLES: [&str; 2] = ["vivid", "natural"];
 const MODERATIONS: [&str; 2] = ["auto", "low"];
+
+/// The denoising steps `quality` stands for when the request gives no `steps`: `low` half the
+/// ensemble's default, `auto`/`standard`/`medium` the default, `high`/`hd` twice it (within
+/// the server's step limit).
+pub fn quality_steps(quality: &str, default_steps: usize, max_steps: usize) -> usize {
+    let steps = match quality {
+        "low" => default_steps / 2,
+        "high" | "hd" => default_steps * 2,
+        _ => default_steps,
+    };
+    steps.clamp(1, max_steps.max(1))
+}
 
 /// `background`, `moderation`, `output_compression`, `partial_images`: honoured where this
 /// model family can, accepted with their meaning here, or refused by name.
@@ -187,10 +199,8 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
                 format!("unknown quality '{q}' (one of: {})", QUALITIES.join(", ")),
             ));
         }
-        if q != "auto" {
-            warnings.push(format!(
-                "quality '{q}' has no effect here; set steps instead"
-            ));
+        if q != "auto" && req.steps.is_some() {
+            warnings.push(format!("quality '{q}' has no effect when steps is given"));
         }
     }
     if let Some(s) = req.style.as_deref() {
@@ -289,6 +299,16 @@ mod tests {
     }
 
     #[test]
+    fn quality_stands_for_a_step_count() {
+        assert_eq!(quality_steps("low", 20, 500), 10);
+        assert_eq!(quality_steps("auto", 20, 500), 20);
+        assert_eq!(quality_steps("medium", 20, 500), 20);
+        assert_eq!(quality_steps("high", 20, 500), 40);
+        assert_eq!(quality_steps("hd", 300, 500), 500);
+        assert_eq!(quality_steps("low", 1, 500), 1);
+    }
+
+    #[test]
     fn openai_only_fields_are_checked() {
         let err = |v: Value| to_native(parse(v)).unwrap_err().body()["error"]["param"].clone();
         assert_eq!(
@@ -332,6 +352,12 @@ mod tests {
             json!({"prompt": "a", "quality": "hd", "style": "vivid"}),
         ))
         .unwrap();
-        assert_eq!(o.warnings.len(), 2);
+        assert_eq!(o.warnings.len(), 1, "style has no effect: {:?}", o.warnings);
+        let (_, o) = to_native(parse(json!({"prompt": "a", "quality": "hd", "steps": 3}))).unwrap();
+        assert!(
+            o.warnings[0].contains("when steps is given"),
+            "{:?}",
+            o.warnings
+        );
     }
 }
