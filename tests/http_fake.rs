@@ -176,12 +176,7 @@ async fn not_ready_while_loading_then_ready_then_draining() {
         .unwrap();
     assert!(generate.headers().contains_key("retry-after"));
     assert_eq!(envelope(generate).await.0, 503);
-    let info: Value = reqwest::get(s.url("/info"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.get_json("/info").await;
     assert_eq!(info["state"], "loading");
     assert_eq!(info["devices"][0]["state"], "loading");
     control.release_load.store(true, Ordering::SeqCst);
@@ -194,12 +189,7 @@ async fn not_ready_while_loading_then_ready_then_draining() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    let info: Value = reqwest::get(s.url("/info"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.get_json("/info").await;
     let device = &info["devices"][0];
     assert_eq!(
         (&device["name"], &device["state"], &device["batches"]),
@@ -281,12 +271,7 @@ async fn a_failed_warm_up_keeps_ready_at_503_with_the_reason() {
         !message.contains("bus"),
         "internals stay in the log: {message}"
     );
-    let info: Value = reqwest::get(s.url("/info"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.get_json("/info").await;
     assert_eq!(info["state"], "failed");
     let generate = reqwest::Client::new()
         .post(s.url("/generate"))

@@ -279,12 +279,7 @@ async fn attention_maps_come_as_heat_maps_and_arrays() {
         (status, param.as_deref()),
         (413, Some("return_attention_maps"))
     );
-    let info: Value = reqwest::get(server().url("/info"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = server().get_json("/info").await;
     assert_eq!(info["limits"]["max_attention_map_bytes"], 64 << 20);
 }
 
@@ -293,12 +288,7 @@ async fn operational_routes_describe_the_server() {
     let s = server();
     assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 200);
     assert_eq!(reqwest::get(s.url("/ready")).await.unwrap().status(), 200);
-    let info: Value = reqwest::get(s.url("/info"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = s.get_json("/info").await;
     assert_eq!(info["state"], "ready");
     let e = &info["ensembles"][0];
     assert_eq!(e["name"], "tiny-afa");

@@ -4,46 +4,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use afa::ensemble::EnsembleMode;
-use afa::pipeline::{ImageSpec, Limits, MapsRequest, Observer};
-use afa::schedulers::SchedulerKind;
+use afa::pipeline::{ImageSpec, MapsRequest, Observer};
 use afa::worker::{
-    BatchKey, BatchOutcome, Catalog, Engine, EnsembleCatalog, GenerationJob, ImageResult, JobError,
-    JobEvent, JobTimings, SubmitError, WorkerConfig, WorkerHandle, start_worker,
+    BatchKey, BatchOutcome, Catalog, Engine, ImageResult, JobError, JobTimings, SubmitError,
+    WorkerConfig, WorkerHandle, start_worker,
 };
 
 /// Sleeps `step_ms` per step, records batch sizes, panics on the prompt "panic".
+mod worker_support;
+use worker_support::{catalog, finish, job};
+
 struct FakeEngine {
     step_ms: u64,
     batches: Arc<Mutex<Vec<usize>>>,
-}
-
-fn catalog() -> Catalog {
-    Catalog {
-        ensembles: vec![EnsembleCatalog {
-            name: "fake".into(),
-            description: None,
-            untrained: true,
-            members: vec![("a".into(), "0".into()), ("b".into(), "1".into())],
-            modes: vec!["afa".into(), "mean".into()],
-            schedulers: vec!["ddim".into()],
-            default_steps: 4,
-            default_guidance: 7.5,
-            default_scheduler: "ddim".into(),
-            default_width: 64,
-            default_height: 64,
-            default_mode: "afa".into(),
-            allowed_sizes: vec![],
-            created: 0,
-            dtype: "f32".into(),
-            map_downscales: vec![
-                1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1,
-            ],
-        }],
-        default_ensemble: "fake".into(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        limits: Limits::default(),
-    }
 }
 
 impl Engine for FakeEngine {
@@ -112,36 +85,6 @@ fn worker(step_ms: u64, config: WorkerConfig) -> (WorkerHandle, Arc<Mutex<Vec<us
     }
     assert!(handle.is_ready());
     (handle, batches)
-}
-
-fn job(prompt: &str, n: usize, seed: u64) -> GenerationJob {
-    GenerationJob {
-        ensemble: "fake".into(),
-        mode: EnsembleMode::Afa,
-        images: (0..n)
-            .map(|i| ImageSpec {
-                prompt: prompt.into(),
-                negative_prompt: String::new(),
-                seed: seed + i as u64,
-                guidance_scale: 7.5,
-            })
-            .collect(),
-        width: 64,
-        height: 64,
-        steps: 4,
-        scheduler: SchedulerKind::Ddim,
-        attention_maps: MapsRequest::Off,
-    }
-}
-
-fn finish(mut ticket: afa::worker::JobTicket) -> Result<afa::worker::JobOutput, JobError> {
-    loop {
-        match ticket.events.blocking_recv() {
-            Some(JobEvent::Finished(r)) => return r,
-            Some(_) => continue,
-            None => panic!("events ended without Finished"),
-        }
-    }
 }
 
 #[test]

@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use afa::ensemble::EnsembleMode;
-use afa::pipeline::{ImageSpec, Limits, MapsRequest, Observer};
-use afa::schedulers::SchedulerKind;
+use afa::pipeline::{ImageSpec, Observer};
 use afa::worker::{
-    BatchKey, BatchOutcome, Catalog, DeviceLoader, DeviceState, Engine, EnsembleCatalog,
-    GenerationJob, ImageResult, JobError, JobEvent, JobOutput, JobTicket, JobTimings, SubmitError,
-    WorkerConfig, WorkerHandle, start_workers,
+    BatchKey, BatchOutcome, Catalog, DeviceLoader, DeviceState, Engine, ImageResult, JobError,
+    JobTimings, SubmitError, WorkerConfig, WorkerHandle, start_workers,
 };
+
+mod worker_support;
+use worker_support::{catalog, finish, job};
 
 /// How a fake device behaves.
 #[derive(Clone, Copy, PartialEq)]
@@ -61,33 +61,6 @@ struct FakeDevice {
     overlap: Arc<Overlap>,
     /// How many batches should be seen running at once before one finishes.
     wait_for: usize,
-}
-
-fn catalog() -> Catalog {
-    Catalog {
-        ensembles: vec![EnsembleCatalog {
-            name: "fake".into(),
-            description: None,
-            untrained: true,
-            members: vec![("a".into(), "0".into()), ("b".into(), "1".into())],
-            modes: vec!["afa".into()],
-            schedulers: vec!["ddim".into()],
-            default_steps: 4,
-            default_guidance: 7.5,
-            default_scheduler: "ddim".into(),
-            default_width: 64,
-            default_height: 64,
-            default_mode: "afa".into(),
-            allowed_sizes: vec![],
-            created: 0,
-            dtype: "f32".into(),
-            map_downscales: vec![],
-        }],
-        default_ensemble: "fake".into(),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-        limits: Limits::default(),
-    }
 }
 
 impl Engine for FakeDevice {
@@ -179,38 +152,12 @@ fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
-fn job(seed: u64) -> GenerationJob {
-    GenerationJob {
-        ensemble: "fake".into(),
-        mode: EnsembleMode::Afa,
-        images: vec![ImageSpec {
-            prompt: "x".into(),
-            negative_prompt: String::new(),
-            seed,
-            guidance_scale: 7.5,
-        }],
-        width: 64,
-        height: 64,
-        steps: 3,
-        scheduler: SchedulerKind::Ddim,
-        attention_maps: MapsRequest::Off,
-    }
-}
-
-fn finish(mut ticket: JobTicket) -> Result<JobOutput, JobError> {
-    loop {
-        match ticket.events.blocking_recv() {
-            Some(JobEvent::Finished(r)) => return r,
-            Some(_) => continue,
-            None => panic!("events ended without Finished"),
-        }
-    }
-}
-
 #[test]
 fn every_device_takes_batches_from_the_one_queue_at_the_same_time() {
     let (w, overlap) = workers(&[Behaviour::Works, Behaviour::Works], 2);
-    let tickets: Vec<_> = (0..8).map(|i| w.submit(job(100 + i)).unwrap()).collect();
+    let tickets: Vec<_> = (0..8)
+        .map(|i| w.submit(job("x", 1, 100 + i)).unwrap())
+        .collect();
     let outputs: Vec<_> = tickets.into_iter().map(|t| finish(t).unwrap()).collect();
     for (i, out) in outputs.iter().enumerate() {
         assert_eq!(
@@ -247,7 +194,7 @@ fn every_device_takes_batches_from_the_one_queue_at_the_same_time() {
 #[test]
 fn a_batch_failing_on_one_device_fails_only_its_jobs_and_every_device_serves_on() {
     let (w, _) = workers(&[Behaviour::Broken, Behaviour::Works], 1);
-    let tickets: Vec<_> = (0..20).map(|i| w.submit(job(i)).unwrap()).collect();
+    let tickets: Vec<_> = (0..20).map(|i| w.submit(job("x", 1, i)).unwrap()).collect();
     let (mut failed, mut done) = (0u64, 0u64);
     for ticket in tickets {
         match finish(ticket) {
@@ -282,7 +229,9 @@ fn a_batch_failing_on_one_device_fails_only_its_jobs_and_every_device_serves_on(
     assert_eq!(stats.failed_jobs, failed);
     assert!(w.is_ready() && w.failure().is_none());
     // Both devices still take work.
-    let more: Vec<_> = (0..10).map(|i| w.submit(job(50 + i)).unwrap()).collect();
+    let more: Vec<_> = (0..10)
+        .map(|i| w.submit(job("x", 1, 50 + i)).unwrap())
+        .collect();
     more.into_iter().for_each(|t| drop(finish(t)));
     assert!(w.stats().devices[0].failed_batches > failed);
     assert!(w.stats().devices[1].completed_images > done);
@@ -315,7 +264,7 @@ fn a_device_that_cannot_load_keeps_the_worker_not_ready_and_is_named() {
         DeviceState::Failed(ref r) if r.contains("loading models on cuda:1 failed")
     ));
     assert!(matches!(
-        w.submit(job(1)),
+        w.submit(job("x", 1, 1)),
         Err(SubmitError::NotReady { .. })
     ));
 }
