@@ -3,7 +3,7 @@
 //! embedded CLIP vocabulary and the tiny test pipeline's 1000-id tokenizer folder.
 use std::path::{Path, PathBuf};
 
-use afa::loading::tokenizer_files::BpeVocab;
+use afa::loading::tokenizer_files;
 use afa::models::tokenizer::ClipTokenizer;
 use serde_json::Value;
 
@@ -22,12 +22,14 @@ fn load_cases() -> Vec<Value> {
 }
 
 fn tokenizer_for(name: &str) -> ClipTokenizer {
-    let vocab = match name {
-        "clip" => BpeVocab::embedded_default(),
-        "tiny" => BpeVocab::from_dir(&repo().join(Path::new("tests/fixtures/tiny-sd/tokenizer"))),
+    let tokenizer = match name {
+        "clip" => tokenizer_files::embedded_tokenizer(),
+        "tiny" => tokenizer_files::read_tokenizer_dir(
+            &repo().join(Path::new("tests/fixtures/tiny-sd/tokenizer")),
+        ),
         other => panic!("unknown tokenizer {other:?} in cases.json"),
     };
-    ClipTokenizer::new(vocab.expect("tokenizer files load"))
+    tokenizer.expect("tokenizer files load")
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
