@@ -104,3 +104,42 @@ fn truncated_cases_warn() {
         }
     }
 }
+
+/// Timing, run by hand (`cargo test --test tokenizer_parity -- --ignored --nocapture`): building
+/// the embedded CLIP tokenizer, one cold pass over the fixture's prompts, then 1000 passes (the
+/// steady state for repeated prompts: `tokenizers`' BPE caches words per thread), and clones.
+#[test]
+#[ignore]
+fn encode_timing() {
+    use std::time::Instant;
+    let texts: Vec<String> = load_cases()
+        .iter()
+        .map(|c| c["text"].as_str().expect("text").to_string())
+        .collect();
+    let start = Instant::now();
+    let clip = tokenizer_for("clip");
+    let build = start.elapsed();
+    let start = Instant::now();
+    let mut sink = 0usize;
+    for text in &texts {
+        sink += clip.encode(text).num_prompt_tokens;
+    }
+    let cold = start.elapsed();
+    let start = Instant::now();
+    for _ in 0..1000 {
+        for text in &texts {
+            sink += clip.encode(text).num_prompt_tokens;
+        }
+    }
+    let warm = start.elapsed();
+    let start = Instant::now();
+    for _ in 0..1000 {
+        sink += clip.clone().max_len();
+    }
+    let clone = start.elapsed();
+    println!(
+        "build {build:?}; cold pass over {} prompts {cold:?}; 1000 passes {warm:?} ({:?} per encode); 1000 clones {clone:?} [{sink}]",
+        texts.len(),
+        warm / (1000 * texts.len() as u32)
+    );
+}
