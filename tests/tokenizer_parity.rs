@@ -3,7 +3,7 @@
 //! embedded CLIP vocabulary and the tiny test pipeline's 1000-id tokenizer folder.
 use std::path::{Path, PathBuf};
 
-use afa::loading::tokenizer_files::BpeVocab;
+use afa::loading::tokenizer_files;
 use afa::models::tokenizer::ClipTokenizer;
 use serde_json::Value;
 
@@ -22,12 +22,14 @@ fn load_cases() -> Vec<Value> {
 }
 
 fn tokenizer_for(name: &str) -> ClipTokenizer {
-    let vocab = match name {
-        "clip" => BpeVocab::embedded_default(),
-        "tiny" => BpeVocab::from_dir(&repo().join(Path::new("tests/fixtures/tiny-sd/tokenizer"))),
+    let tokenizer = match name {
+        "clip" => tokenizer_files::embedded_tokenizer(),
+        "tiny" => tokenizer_files::read_tokenizer_dir(
+            &repo().join(Path::new("tests/fixtures/tiny-sd/tokenizer")),
+        ),
         other => panic!("unknown tokenizer {other:?} in cases.json"),
     };
-    ClipTokenizer::new(vocab.expect("tokenizer files load"))
+    tokenizer.expect("tokenizer files load")
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
@@ -101,4 +103,43 @@ fn truncated_cases_warn() {
             assert!(w.contains("77") && w.contains("dropped"), "{w}");
         }
     }
+}
+
+/// Timing, run by hand (`cargo test --test tokenizer_parity -- --ignored --nocapture`): building
+/// the embedded CLIP tokenizer, one cold pass over the fixture's prompts, then 1000 passes (the
+/// steady state for repeated prompts: `tokenizers`' BPE caches words per thread), and clones.
+#[test]
+#[ignore]
+fn encode_timing() {
+    use std::time::Instant;
+    let texts: Vec<String> = load_cases()
+        .iter()
+        .map(|c| c["text"].as_str().expect("text").to_string())
+        .collect();
+    let start = Instant::now();
+    let clip = tokenizer_for("clip");
+    let build = start.elapsed();
+    let start = Instant::now();
+    let mut sink = 0usize;
+    for text in &texts {
+        sink += clip.encode(text).num_prompt_tokens;
+    }
+    let cold = start.elapsed();
+    let start = Instant::now();
+    for _ in 0..1000 {
+        for text in &texts {
+            sink += clip.encode(text).num_prompt_tokens;
+        }
+    }
+    let warm = start.elapsed();
+    let start = Instant::now();
+    for _ in 0..1000 {
+        sink += clip.clone().max_len();
+    }
+    let clone = start.elapsed();
+    println!(
+        "build {build:?}; cold pass over {} prompts {cold:?}; 1000 passes {warm:?} ({:?} per encode); 1000 clones {clone:?} [{sink}]",
+        texts.len(),
+        warm / (1000 * texts.len() as u32)
+    );
 }

@@ -7,9 +7,8 @@ use std::time::Instant;
 use super::afa::random_ensemble;
 use super::{BenchError, BenchOptions, BenchReport, random_vb, reset_peak_rss, row, time_runs};
 use crate::ensemble::EnsembleMode;
-use crate::loading::tokenizer_files::BpeVocab;
+use crate::loading::tokenizer_files::embedded_tokenizer;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{StagedUNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::pipeline::{
@@ -24,7 +23,7 @@ fn pipeline<D: Denoiser>(
 ) -> Result<SdPipeline<D>, BenchError> {
     let max_batch = opts.throughput_batches.iter().copied().max().unwrap_or(1);
     Ok(SdPipeline {
-        tokenizer: ClipTokenizer::new(BpeVocab::embedded_default()?),
+        tokenizer: embedded_tokenizer()?,
         denoiser,
         vae,
         scheduler_config: SchedulerConfig::default(),

@@ -16,7 +16,7 @@ use super::safetensors_file::{SafetensorsFile, refuse_pickle};
 use super::single_file::{
     Component, MapResult, SingleFileLayout, map_key, normalize_diffusers_name,
 };
-use super::tokenizer_files::BpeVocab;
+use super::tokenizer_files;
 use super::weights::{WeightSet, WeightSource};
 use crate::models::SingleUNet;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -253,11 +253,10 @@ impl OpenedModel {
                 .map(|d| d.join("tokenizer"))
                 .filter(|d| d.is_dir())
         });
-        let vocab = match dir {
-            Some(dir) => BpeVocab::from_dir(&dir)?,
-            None => BpeVocab::embedded_default()?,
-        };
-        Ok(ClipTokenizer::new(vocab))
+        match dir {
+            Some(dir) => tokenizer_files::read_tokenizer_dir(&dir),
+            None => tokenizer_files::embedded_tokenizer(),
+        }
     }
 
     /// The model's `scheduler/scheduler_config.json`, or SD1.5's settings.

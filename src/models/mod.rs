@@ -1,11 +1,13 @@
-//! The networks: CLIP tokenizer and text encoder, VAE, and the staged UNet that can run one
-//! layer at a time. Tensor names follow diffusers so weights load unchanged.
+//! The networks: CLIP tokenizer (with its vocabulary type) and text encoder, VAE, and the staged
+//! UNet that can run one layer at a time. Tensor names follow diffusers so weights load unchanged.
+//! Nothing here reads files: `loading` turns files into these types.
 pub mod blocks;
 pub mod clip;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vocab;
 
 /// Errors of the models layer.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +19,23 @@ pub enum ModelError {
     },
     #[error("{0}")]
     Shape(String),
+    /// A tokenizer vocabulary without one of CLIP's special tokens.
+    #[error("missing the special token {0}")]
+    MissingSpecialToken(&'static str),
+    /// A BPE merge naming a token the vocabulary lacks (`rank` counts from 1).
+    #[error(
+        "merge #{rank} ({left:?} {right:?}) uses the token {missing:?}, which is not in the vocabulary"
+    )]
+    UnknownMergeToken {
+        rank: usize,
+        left: String,
+        right: String,
+        missing: String,
+    },
+    /// A tokenizer definition that cannot be used (a refused `tokenizer.json`, a short merges
+    /// list).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

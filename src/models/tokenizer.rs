@@ -1,46 +1,52 @@
 //! The CLIP text tokenizer: prompt text -> the fixed-length id sequence the SD 1.5 text encoder
-//! reads. Pure Rust, built from a [`BpeVocab`]; it reproduces HF `transformers`' `CLIPTokenizer`
-//! as diffusers' SD pipelines call it (`padding="max_length", max_length=77, truncation=True`).
+//! reads, as HF `transformers`' `CLIPTokenizer` gives it to diffusers' SD pipelines
+//! (`padding="max_length", max_length=77, truncation=True`). This module owns [`ClipTokenizer`]
+//! and its options; the vocabulary it is built from is [`BpeVocab`] (`models::vocab`).
 //!
-//! Since transformers 5 `CLIPTokenizer` *is* the `tokenizers`-backed tokenizer (formerly
-//! `CLIPTokenizerFast`; the pure-Python "slow" one with its ftfy/`BasicTokenizer` cleanup is
-//! gone), and that is the behaviour matched here, step by step:
+//! The text -> tokens part is HF's own `tokenizers` crate, the code transformers runs. Since
+//! transformers 5 `CLIPTokenizer` *is* the `tokenizers`-backed tokenizer (formerly
+//! `CLIPTokenizerFast`; the pure-Python one with its ftfy cleanup is gone), and
+//! [`ClipTokenizer::with_options`] builds the `tokenizers::Tokenizer` exactly as the
+//! `tokenizer.json` transformers 5 saves for CLIP defines it (a unit test compares the two):
 //!
-//! 1. The literal special tokens `<|startoftext|>` / `<|endoftext|>` are cut out of the raw
-//!    text (exact, case-sensitive match) and become their ids wherever they appear.
-//! 2. Each remaining piece is normalised: Unicode NFC, every run of Unicode whitespace
-//!    (`\s+`, e.g. tabs, newlines, NBSP, U+3000) becomes one space, then each *character* is
-//!    lowercased on its own (`char::to_lowercase`, so a final `Σ` gives `σ`, not `ς`, and
-//!    `İ` gives `i` + U+0307). No ftfy mojibake repair, HTML unescaping or accent stripping
-//!    happens; HF's current tokenizer does none either.
-//! 3. Pre-tokenisation with CLIP's regex, *without* the case-insensitive flag: the text is
-//!    already lowercase, and HF's (Oniguruma) pattern is case-sensitive, so `'ſ` is not `'s`.
-//!    Each piece is then re-split by GPT-2's byte-level regex, as HF's `ByteLevel`
-//!    pre-tokenizer does; that only matters for an upper-case `<|ENDOFTEXT|>`, which after
-//!    lowercasing is split into `<|`, `endoftext`, `|>` rather than mapped to the special id.
-//! 4. Each piece's UTF-8 bytes become GPT-2's printable byte symbols, `</w>` is appended to
-//!    the last symbol, and merges are applied lowest rank first (leftmost on ties), exactly as
-//!    `tokenizers`' BPE model does. A symbol missing from a (small) vocabulary becomes the
-//!    unknown token, which for CLIP is `<|endoftext|>`.
-//! 5. `bos`, the first `max_len - 2` tokens, `eos`, then padding to `max_len` with the pad id.
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+//! 1. Added special tokens `<|startoftext|>` / `<|endoftext|>` (not normalised): their literal,
+//!    case-sensitive occurrences in the raw text are cut out first and become their ids.
+//! 2. Normalizer `Sequence[NFC, Replace(/\s+/ -> " "), Lowercase]`: Unicode NFC, every run of
+//!    Unicode whitespace becomes one space, each *character* lowercased on its own (a final `Σ`
+//!    gives `σ`, `İ` gives `i` + U+0307). No ftfy repair, HTML unescaping or accent stripping.
+//! 3. Pre-tokenizer `Sequence[Split(CLIP's pattern, Removed, invert), ByteLevel(no prefix
+//!    space, GPT-2 regex)]`: CLIP's regex is case-sensitive (the text is already lowercase, so
+//!    `'ſ` is not `'s`); GPT-2's regex then re-splits each piece, which only changes a
+//!    lowercased `<|ENDOFTEXT|>` (into `<|`, `endoftext`, `|>`). Bytes become GPT-2's printable
+//!    symbols. The regexes run on `fancy-regex` (the feature candle already enables) where
+//!    Python's `tokenizers` uses Oniguruma; the parity fixture shows no difference.
+//! 4. Model `BPE` with end-of-word suffix `</w>`, unknown token `<|endoftext|>`, no dropout:
+//!    merges lowest rank first, leftmost on ties.
+//! 5. Here, on top of the prompt's ids: `bos`, the first `max_len - 2` tokens, `eos`, then
+//!    padding to `max_len` with the pad id, and what truncation dropped ([`Tokenized`]).
+//!
+//! A transformers 5 `tokenizer.json` is used as it is ([`ClipTokenizer::from_tokenizer_json`]),
+//! its own truncation and padding switched off in favour of step 5.
 use std::sync::Arc;
 
-use regex::Regex;
-use unicode_normalization::UnicodeNormalization;
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, ModelWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use crate::loading::tokenizer_files::{BOS_TOKEN, BpeVocab, EOS_TOKEN, byte_level_pairs};
+use super::ModelError;
+use super::vocab::{BOS_TOKEN, BpeVocab, END_OF_WORD, EOS_TOKEN};
 
 /// SD 1.5's text encoder context length.
 pub const DEFAULT_MAX_LEN: usize = 77;
 
+/// CLIP's pre-tokenisation pattern, as transformers 5 writes it into `tokenizer.json`.
 const CLIP_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
-/// GPT-2's byte-level split; the trailing `\s+` only guarantees no character is ever dropped
-/// (pieces reaching it contain no whitespace).
-const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
-const END_OF_WORD: &str = "</w>";
 
 /// Construction options for [`ClipTokenizer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,29 +79,28 @@ pub struct Tokenized {
     pub dropped_ids: Vec<u32>,
 }
 
-/// CLIP's byte-level BPE tokenizer. Encoding never fails and never panics on any `&str`.
-/// Lookup tables of a tokenizer.
-#[derive(Debug)]
-struct Tables {
-    encoder: HashMap<String, u32>,
-    decoder: HashMap<u32, String>,
-    /// `(left id, right id)` -> `(rank, merged id)`.
-    merges: HashMap<(u32, u32), (u32, u32)>,
-    byte_decoder: HashMap<char, u8>,
-}
-
-#[derive(Debug, Clone)]
+/// CLIP's byte-level BPE tokenizer. Encoding never panics on any `&str`; a clone (one per
+/// served batch) shares the `tokenizers::Tokenizer` and costs nothing.
+#[derive(Clone)]
 pub struct ClipTokenizer {
-    /// The vocabulary tables, shared so that a clone (one per served batch) costs nothing.
-    tables: Arc<Tables>,
-    byte_encoder: [char; 256],
-    clip_split: Regex,
-    gpt2_split: Regex,
-    whitespace: Regex,
+    inner: Arc<Tokenizer>,
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
     max_len: usize,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .field("pad_id", &self.pad_id)
+            .field("max_len", &self.max_len)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClipTokenizer {
@@ -106,45 +111,53 @@ impl ClipTokenizer {
 
     /// A tokenizer with explicit length / padding options (`max_len` below 2 is raised to 2).
     pub fn with_options(vocab: BpeVocab, options: TokenizerOptions) -> Self {
-        let (encoder, merge_list) = vocab.into_parts();
-        // `BpeVocab` guarantees both special tokens and every merge's tokens are present;
-        // the fallbacks below only keep this constructor total.
-        let bos_id = encoder.get(BOS_TOKEN).copied().unwrap_or_default();
-        let eos_id = encoder.get(EOS_TOKEN).copied().unwrap_or(bos_id);
-        let mut merges = HashMap::with_capacity(merge_list.len());
-        for (rank, (a, b)) in (0u32..).zip(&merge_list) {
-            let ids = (
-                encoder.get(a),
-                encoder.get(b),
-                encoder.get(&format!("{a}{b}")),
-            );
-            if let (Some(&a), Some(&b), Some(&ab)) = ids {
-                merges.insert((a, b), (rank, ab));
-            }
+        // Nothing here can fail: `BpeVocab` guarantees what the BPE model checks (every merge's
+        // tokens and both special tokens are in the vocabulary) and the patterns are constants
+        // (the unit tests build them).
+        let inner = clip_definition(vocab).expect("a BpeVocab always makes a CLIP tokenizer");
+        Self::from_inner(inner, options).expect("a BpeVocab holds both special tokens")
+    }
+
+    /// A tokenizer from a HF `tokenizers` `tokenizer.json` (what transformers 5 saves), used as
+    /// it defines itself; only its truncation and padding are replaced by `options`'. The model
+    /// must be BPE and the vocabulary must hold `<|startoftext|>` and `<|endoftext|>`.
+    pub fn from_tokenizer_json(json: &str, options: TokenizerOptions) -> Result<Self, ModelError> {
+        let mut inner: Tokenizer = json
+            .parse()
+            .map_err(|e| ModelError::Tokenizer(format!("not a tokenizer.json: {e}")))?;
+        let kind = match inner.get_model() {
+            ModelWrapper::BPE(_) => None,
+            ModelWrapper::WordPiece(_) => Some("WordPiece"),
+            ModelWrapper::WordLevel(_) => Some("WordLevel"),
+            ModelWrapper::Unigram(_) => Some("Unigram"),
+        };
+        if let Some(kind) = kind {
+            return Err(ModelError::Tokenizer(format!(
+                "a '{kind}' tokenizer, not BPE"
+            )));
         }
-        let decoder = encoder.iter().map(|(s, &id)| (id, s.clone())).collect();
-        let mut byte_encoder = ['\0'; 256];
-        let mut byte_decoder = HashMap::with_capacity(256);
-        for (b, c) in byte_level_pairs() {
-            byte_encoder[usize::from(b)] = c;
-            byte_decoder.insert(c, b);
-        }
-        ClipTokenizer {
-            tables: Arc::new(Tables {
-                encoder,
-                decoder,
-                merges,
-                byte_decoder,
-            }),
-            byte_encoder,
-            clip_split: Regex::new(CLIP_PATTERN).expect("CLIP pattern is a valid regex"),
-            gpt2_split: Regex::new(GPT2_PATTERN).expect("GPT-2 pattern is a valid regex"),
-            whitespace: Regex::new(r"\s+").expect("whitespace pattern is a valid regex"),
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        inner.with_padding(None);
+        Self::from_inner(inner, options)
+    }
+
+    fn from_inner(inner: Tokenizer, options: TokenizerOptions) -> Result<Self, ModelError> {
+        let id = |token: &'static str| {
+            inner
+                .token_to_id(token)
+                .ok_or(ModelError::MissingSpecialToken(token))
+        };
+        let (bos_id, eos_id) = (id(BOS_TOKEN)?, id(EOS_TOKEN)?);
+        Ok(ClipTokenizer {
+            vocab_size: inner.get_vocab_size(true),
+            inner: Arc::new(inner),
             bos_id,
             eos_id,
             pad_id: options.pad_id.unwrap_or(eos_id),
             max_len: options.max_len.max(2),
-        }
+        })
     }
 
     /// Encodes `text` to exactly `max_len` ids (bos, tokens, eos, padding), truncating the
@@ -172,21 +185,18 @@ impl ClipTokenizer {
     }
 
     /// The prompt's token ids without bos/eos, truncation or padding.
+    ///
+    /// Should the `tokenizers` crate report an error (it cannot for the CLIP definition: its
+    /// regexes need no backtracking and its unknown token is in the vocabulary; a foreign
+    /// `tokenizer.json` might), the prompt gets no tokens and a warning is logged.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let (plain, special) = self.next_special(rest);
-            self.tokenize_plain(&rest[..plain], &mut ids);
-            match special {
-                Some((id, len)) => {
-                    ids.push(id);
-                    rest = &rest[plain + len..];
-                }
-                None => break,
+        match self.inner.encode_fast(text, false) {
+            Ok(encoding) => encoding.get_ids().to_vec(),
+            Err(e) => {
+                tracing::warn!("tokenizer error, the prompt is encoded as empty: {e}");
+                Vec::new()
             }
         }
-        ids
     }
 
     /// A human-readable warning for a truncated prompt (`None` when nothing was dropped),
@@ -204,22 +214,12 @@ impl ClipTokenizer {
         ))
     }
 
-    /// Best-effort text for `ids`: `</w>` becomes a space, byte symbols become bytes (invalid
-    /// UTF-8 is replaced), unknown ids are skipped, and the result is trimmed.
+    /// Best-effort text for `ids`, as transformers decodes CLIP: the byte-level decoder turns
+    /// symbols back into bytes (invalid UTF-8 is replaced), then `</w>` becomes a space and
+    /// the result is trimmed. Unknown ids are skipped; special tokens are kept.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let joined: String = ids
-            .iter()
-            .filter_map(|id| self.tables.decoder.get(id))
-            .map(String::as_str)
-            .collect();
-        let mut bytes = Vec::with_capacity(joined.len());
-        for c in joined.replace(END_OF_WORD, " ").chars() {
-            match self.tables.byte_decoder.get(&c) {
-                Some(&b) => bytes.push(b),
-                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-            }
-        }
-        String::from_utf8_lossy(&bytes).trim().to_string()
+        let text = self.inner.decode(ids, false).unwrap_or_default();
+        text.replace(END_OF_WORD, " ").trim().to_string()
     }
 
     /// Id of `<|startoftext|>`.
@@ -242,119 +242,82 @@ impl ClipTokenizer {
         self.max_len
     }
 
-    /// Number of tokens in the vocabulary.
+    /// Number of tokens in the vocabulary (added tokens included).
     pub fn vocab_size(&self) -> usize {
-        self.tables.encoder.len()
-    }
-
-    /// Byte offset of the next literal special token in `text`, with its id and length
-    /// (`text.len()` and `None` when there is none).
-    fn next_special(&self, text: &str) -> (usize, Option<(u32, usize)>) {
-        [(BOS_TOKEN, self.bos_id), (EOS_TOKEN, self.eos_id)]
-            .into_iter()
-            .filter_map(|(s, id)| text.find(s).map(|at| (at, Some((id, s.len())))))
-            .min_by_key(|&(at, _)| at)
-            .unwrap_or((text.len(), None))
-    }
-
-    /// Normalises, pre-tokenises and BPE-encodes text that contains no special token.
-    fn tokenize_plain(&self, text: &str, out: &mut Vec<u32>) {
-        if text.is_empty() {
-            return;
-        }
-        let nfc: String = text.nfc().collect();
-        let collapsed = self.whitespace.replace_all(&nfc, " ");
-        let lower: String = collapsed.chars().flat_map(char::to_lowercase).collect();
-        for word in self.clip_split.find_iter(&lower) {
-            for piece in self.gpt2_split.find_iter(word.as_str()) {
-                self.bpe(piece.as_str(), out);
-            }
-        }
-    }
-
-    /// Byte-level BPE of one pre-token, appending its ids to `out`.
-    fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
-        let symbols: Vec<char> = piece
-            .bytes()
-            .map(|b| self.byte_encoder[usize::from(b)])
-            .collect();
-        let Some(last) = symbols.len().checked_sub(1) else {
-            return;
-        };
-        let mut key = String::new();
-        let ids: Vec<u32> = symbols
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| {
-                key.clear();
-                key.push(c);
-                if i == last {
-                    key.push_str(END_OF_WORD);
-                }
-                self.tables
-                    .encoder
-                    .get(&key)
-                    .copied()
-                    .unwrap_or(self.eos_id)
-            })
-            .collect();
-        out.extend(merge_all(ids, &self.tables.merges));
+        self.vocab_size
     }
 }
 
-/// Applies merges to a word's symbol ids: repeatedly the lowest-rank adjacent pair, the
-/// leftmost one on ties, until none applies (the order HF `tokenizers` uses).
-fn merge_all(mut ids: Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) -> Vec<u32> {
-    const NONE: usize = usize::MAX;
-    let n = ids.len();
-    let mut next: Vec<usize> = (1..=n).map(|i| if i == n { NONE } else { i }).collect();
-    let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
-    let mut alive = vec![true; n];
-    let mut queue = BinaryHeap::new();
-    for i in 1..n {
-        if let Some(&(rank, new_id)) = merges.get(&(ids[i - 1], ids[i])) {
-            queue.push(Reverse((rank, i - 1, new_id)));
-        }
-    }
-    while let Some(Reverse((rank, pos, new_id))) = queue.pop() {
-        let right = next[pos];
-        if !alive[pos]
-            || right == NONE
-            || merges.get(&(ids[pos], ids[right])) != Some(&(rank, new_id))
-        {
-            continue; // stale entry: one side was merged away since it was queued
-        }
-        ids[pos] = new_id;
-        alive[right] = false;
-        next[pos] = next[right];
-        if next[pos] != NONE {
-            prev[next[pos]] = pos;
-        }
-        if prev[pos] != NONE
-            && let Some(&(r, id)) = merges.get(&(ids[prev[pos]], ids[pos]))
-        {
-            queue.push(Reverse((r, prev[pos], id)));
-        }
-        if next[pos] != NONE
-            && let Some(&(r, id)) = merges.get(&(ids[pos], ids[next[pos]]))
-        {
-            queue.push(Reverse((r, pos, id)));
-        }
-    }
-    ids.into_iter()
-        .zip(alive)
-        .filter_map(|(id, a)| a.then_some(id))
-        .collect()
+/// CLIP's `tokenizers` definition over `vocab`: what transformers 5's `CLIPTokenizer` builds
+/// from `vocab.json` + `merges.txt` and saves as `tokenizer.json` (see the module docs).
+fn clip_definition(vocab: BpeVocab) -> tokenizers::Result<Tokenizer> {
+    let (encoder, merges) = vocab.into_parts();
+    let special_id = |t: &str| encoder.get(t).copied().unwrap_or_default();
+    let (bos_id, eos_id) = (special_id(BOS_TOKEN), special_id(EOS_TOKEN));
+    let model = BPE::builder()
+        .vocab_and_merges(encoder.into_iter().collect::<Vocab>(), merges)
+        .unk_token(EOS_TOKEN.to_string())
+        .continuing_subword_prefix(String::new())
+        .end_of_word_suffix(END_OF_WORD.to_string())
+        .fuse_unk(false)
+        .build()?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
+        NFC.into(),
+        Replace::new(ReplacePattern::Regex(r"\s+".to_string()), " ")?.into(),
+        Lowercase.into(),
+    ])))?;
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+        Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.to_string()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )?
+        .into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tokenizer.with_post_processor(Some(
+        RobertaProcessing::new(
+            (EOS_TOKEN.to_string(), eos_id),
+            (BOS_TOKEN.to_string(), bos_id),
+        )
+        .trim_offsets(false)
+        .add_prefix_space(false),
+    ));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    tokenizer.add_special_tokens([
+        AddedToken::from(BOS_TOKEN, true),
+        AddedToken::from(EOS_TOKEN, true),
+    ])?;
+    Ok(tokenizer)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::io::Read;
     use std::sync::OnceLock;
+    use unicode_normalization::UnicodeNormalization;
+
+    /// CLIP's vocabulary from the merges list embedded in the binary, read here the way
+    /// `loading::tokenizer_files` reads it (models may not use `loading`).
+    fn clip_vocab() -> BpeVocab {
+        let gz = include_bytes!("../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        let merges = text.split('\n').skip(1).map(|line| {
+            let (a, b) = line.split_once(' ').unwrap_or((line, ""));
+            (a.to_string(), b.to_string())
+        });
+        BpeVocab::from_clip_merges(merges).unwrap()
+    }
 
     fn clip() -> &'static ClipTokenizer {
         static TOKENIZER: OnceLock<ClipTokenizer> = OnceLock::new();
-        TOKENIZER.get_or_init(|| ClipTokenizer::new(BpeVocab::embedded_default().unwrap()))
+        TOKENIZER.get_or_init(|| ClipTokenizer::new(clip_vocab()))
     }
 
     #[test]
@@ -365,6 +328,7 @@ mod tests {
         assert!(t.ids[7..].iter().all(|&id| id == 49407));
         assert_eq!((t.truncated, t.num_prompt_tokens), (false, 5));
         assert_eq!(clip().truncation_warning(&t), None);
+        assert_eq!(clip().vocab_size(), 49_408);
     }
 
     #[test]
@@ -399,9 +363,8 @@ mod tests {
 
     #[test]
     fn options_change_length_and_padding() {
-        let vocab = BpeVocab::embedded_default().unwrap();
         let tok = ClipTokenizer::with_options(
-            vocab,
+            clip_vocab(),
             TokenizerOptions {
                 max_len: 5,
                 pad_id: Some(0),
@@ -438,6 +401,19 @@ mod tests {
     }
 
     #[test]
+    fn huge_prompts_encode() {
+        // Long runs the regexes must not choke on: one 100k-symbol "word", and many words.
+        for text in ["!".repeat(100_000), "a ".repeat(50_000), "é".repeat(30_000)] {
+            let t = clip().encode(&text);
+            assert!(
+                t.truncated && t.num_prompt_tokens > 75,
+                "{}",
+                t.num_prompt_tokens
+            );
+        }
+    }
+
+    #[test]
     fn merges_lowest_rank_first_leftmost_on_ties() {
         let mut encoder: HashMap<String, u32> = HashMap::new();
         for (i, t) in [
@@ -453,12 +429,58 @@ mod tests {
             ("a".into(), "a</w>".into()),
             ("aa".into(), "a</w>".into()),
         ];
-        let path = std::path::Path::new("test");
-        let vocab = BpeVocab::from_parts(encoder, merges, path, path).unwrap();
+        let vocab = BpeVocab::from_parts(encoder, merges).unwrap();
         let tok = ClipTokenizer::new(vocab);
         // "aaa": (a,a) at 0 first -> [aa, a</w>] -> aaa</w>.
         assert_eq!(tok.tokenize("aaa"), vec![4]);
         // "aaaa": (a,a) at 0 -> [aa, a, a</w>] -> (a,a) at 1 -> [aa, aa</w>]: no merge left.
         assert_eq!(tok.tokenize("aaaa"), vec![2, 3]);
+    }
+
+    fn official_tokenizer_json() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/afa/n2/official/tokenizer/tokenizer.json"
+        );
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn definition_is_transformers_5s_tokenizer_json() {
+        // The tiny fixture folder saved by transformers 5: build ours from its vocabulary and
+        // merges, and compare every part of the definition with the saved one.
+        let saved: serde_json::Value = serde_json::from_str(&official_tokenizer_json()).unwrap();
+        let model = &saved["model"];
+        let encoder: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone()).unwrap();
+        let merges: Vec<(String, String)> =
+            serde_json::from_value(model["merges"].clone()).unwrap();
+        let ours = ClipTokenizer::new(BpeVocab::from_parts(encoder, merges).unwrap());
+        let ours: serde_json::Value =
+            serde_json::from_str(&ours.inner.to_string(false).unwrap()).unwrap();
+        for part in [
+            "added_tokens",
+            "normalizer",
+            "pre_tokenizer",
+            "post_processor",
+            "decoder",
+            "model",
+        ] {
+            assert_eq!(ours[part], saved[part], "{part}");
+        }
+    }
+
+    #[test]
+    fn tokenizer_json_is_used_as_saved() {
+        let json = official_tokenizer_json();
+        let tok = ClipTokenizer::from_tokenizer_json(&json, TokenizerOptions::default()).unwrap();
+        // The file's own truncation/padding to 77 is off: all 100 prompt tokens are counted.
+        let t = tok.encode(&"a ".repeat(100));
+        assert_eq!((t.num_prompt_tokens, t.ids.len()), (100, 77));
+        assert_eq!(
+            (tok.bos_id(), tok.eos_id(), tok.vocab_size()),
+            (998, 999, 1000)
+        );
+        let err = ClipTokenizer::from_tokenizer_json("{}", TokenizerOptions::default());
+        assert!(matches!(err, Err(ModelError::Tokenizer(_))));
     }
 }
