@@ -14,11 +14,11 @@ use candle_core::{DType, Device};
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiConfig, ApiKeys, ApiState, JobService, JobsConfig};
-use crate::cli::device_name;
 use crate::config::ModelRegistry;
 use crate::store::{Artifacts, JobStore};
 use crate::worker::{
-    DeviceLoader, Engine, EngineLoader, RegistryEngine, WorkerConfig, WorkerHandle, start_workers,
+    DeviceLoader, Engine, EngineLoader, RegistryEngine, WorkerConfig, WorkerHandle, device_name,
+    start_workers,
 };
 
 /// Everything `serve` needs, resolved from flags and environment.

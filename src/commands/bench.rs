@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use super::device::{DeviceArg, DtypeArg};
 use crate::bench::{BenchOptions, BenchPart, run};
-use crate::cli::{DeviceArg, DtypeArg};
 
 /// `afa bench` flags.
 #[derive(Debug, Clone, Args)]

@@ -3,15 +3,97 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::GenerateArgs;
+use super::device::{DeviceArg, DtypeArg};
 use crate::loading::checkpoint::{LoadedModel, ModelSource, load_model};
 use crate::loading::embedded::{EMBEDDED_ENSEMBLE_NAME, materialize_embedded_ensemble};
 use crate::pipeline::{
     BatchOutput, BatchRequest, Denoiser, ImageSpec, Limits, Observer, PipelineError, SdPipeline,
     SingleUNet,
 };
+use crate::schedulers::SchedulerKind;
+
+/// `afa generate` flags (later tools rely on these names).
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// A diffusers folder or a single-file `.safetensors` checkpoint. Default: the embedded
+    /// demonstration ensemble (coloured shapes, 64x64; assets/demo/README.md).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// For a single-file checkpoint: a diffusers folder whose configs (and tokenizer) describe
+    /// its architecture. Default: Stable Diffusion 1.5.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// A VAE `.safetensors` replacing the model's own.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// A tokenizer folder (`vocab.json` + `merges.txt`) replacing the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Image width in pixels (default 512 for a model, the ensemble's default for an ensemble).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default 512 for a model, the ensemble's default for an ensemble).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Seed of the first image; image i uses seed + i. Random when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value = "ddim", value_parser = parse_scheduler)]
+    pub scheduler: SchedulerKind,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Output PNG; batches get `-N` suffixes (`out-0.png`, `out-1.png`, ...).
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+    /// Start from this initial noise (f32 `[B,4,H/8,W/8]` `.npy`) instead of the seed.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Write intermediate tensors as `.npy` files into this folder.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// models.toml declaring the ensemble to run (with --ensemble).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// An ensemble of --config (default: its default ensemble; --config defaults to ./models.toml).
+    #[arg(long)]
+    pub ensemble: Option<String>,
+    /// How an ensemble predicts noise: afa, mean, single:<member>, merge, magicfusion.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Use these aggregators (our file or an official folder) with the ensemble's members.
+    #[arg(long)]
+    pub aggregators: Option<PathBuf>,
+    /// Write the attention maps (heat-map PNGs, an index.html with the legend, raw .npy) here.
+    #[arg(long)]
+    pub maps: Option<PathBuf>,
+}
+
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse::<SchedulerKind>().map_err(|_| {
+        let names: Vec<String> = SchedulerKind::ALL.iter().map(|k| k.to_string()).collect();
+        format!("unknown scheduler '{s}' (one of: {})", names.join(", "))
+    })
+}
 
 /// Default size of a single model (SD1.5's).
 const SD15_SIDE: usize = 512;

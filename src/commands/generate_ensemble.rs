@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 
+use super::generate::GenerateArgs;
 use super::generate::{EnsembleTarget, build_request, generate_and_write};
-use crate::cli::GenerateArgs;
 use crate::config::ModelRegistry;
 use crate::ensemble::EnsembleMode;
 use crate::loading::ensemble::{EnsembleLoadOptions, LoadedEnsemble, open_declared, open_official};

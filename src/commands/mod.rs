@@ -3,6 +3,7 @@ pub mod bench;
 pub mod check_models;
 pub mod convert;
 pub mod demo;
+pub mod device;
 pub mod eval;
 pub mod generate;
 mod generate_ensemble;

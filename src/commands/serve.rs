@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 
+use super::device::{DeviceArg, DtypeArg, select_devices};
 use crate::api::{ApiKeys, JobsConfig};
 use crate::app::{ServeSettings, serve};
-use crate::cli::{DeviceArg, DtypeArg, select_devices};
 use crate::worker::WorkerConfig;
 
 /// A secret from the command line or environment; Debug never shows it.

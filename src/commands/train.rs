@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
 
-use crate::cli::DeviceArg;
+use super::device::DeviceArg;
 use crate::config::ModelRegistry;
 use crate::ensemble::points::AggregatorShape;
 use crate::loading::ensemble::{EnsembleParts, open_declared};

@@ -42,6 +42,15 @@ pub struct EnsembleCatalog {
     pub map_downscales: Vec<usize>,
 }
 
+/// How a device is named in logs, `/info` and `/metrics`: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Everything the server offers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Catalog {
@@ -181,11 +190,7 @@ impl RegistryEngine {
         let catalog = Catalog {
             ensembles: ensembles.iter().map(|(c, _)| c.clone()).collect(),
             default_ensemble,
-            device: if device.is_cpu() {
-                "cpu".into()
-            } else {
-                "cuda".into()
-            },
+            device: device_name(device),
             dtype: {
                 // The precision every ensemble runs in, or "mixed".
                 let mut all: Vec<&str> = ensembles.iter().map(|(c, _)| c.dtype.as_str()).collect();

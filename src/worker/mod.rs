@@ -16,7 +16,9 @@ pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
     SubmitError, heatmap_scale, legend_text,
 };
-pub use engine::{BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, validate_job};
+pub use engine::{
+    BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, device_name, validate_job,
+};
 pub use handle::{
     DeviceLoader, DeviceState, DeviceStats, EngineLoader, JobTicket, WorkerConfig, WorkerHandle,
     WorkerStats, start_worker, start_workers,
