@@ -13,8 +13,9 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiConfig, ApiKeys, ApiState, JobService, JobsConfig};
+use crate::api::{self, ApiConfig, ApiKeys, ApiState};
 use crate::config::ModelRegistry;
+use crate::jobs::{self, JobService, JobsConfig};
 use crate::store::{Artifacts, JobStore};
 use crate::worker::{
     DeviceLoader, Engine, EngineLoader, RegistryEngine, WorkerConfig, WorkerHandle, device_name,
@@ -120,12 +121,14 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
     let state = ApiState::new(worker.clone(), config).with_jobs(jobs.clone());
     let router = api::router(state.clone());
     let (jobs_stop, jobs_stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(api::run_dispatcher(
-        state,
+    let codec = Arc::new(api::HttpJobCodec::new(state.metrics.clone()));
+    tokio::spawn(jobs::run_dispatcher(
         jobs.clone(),
+        worker.clone(),
+        codec,
         jobs_stop_rx.clone(),
     ));
-    tokio::spawn(api::run_sweeper(jobs.clone(), jobs_stop_rx));
+    tokio::spawn(jobs::run_sweeper(jobs.clone(), jobs_stop_rx));
     let listener = TcpListener::bind(&settings.bind)
         .await
         .with_context(|| format!("binding {}", settings.bind))?;

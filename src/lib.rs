@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod ensemble;
 pub mod ids;
+pub mod jobs;
 pub mod loading;
 pub mod models;
 pub mod npy;

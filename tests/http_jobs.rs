@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use afa::api::{ApiConfig, ApiState, JobService, JobsConfig, router, run_dispatcher, run_sweeper};
+use afa::api::{ApiConfig, ApiState, HttpJobCodec, router};
+use afa::jobs::{JobService, JobsConfig, run_dispatcher, run_sweeper};
 use afa::pipeline::{ImageSpec, Observer};
 use afa::store::{Artifacts, JobStore};
 use afa::worker::{BatchKey, BatchOutcome, Catalog, Engine, EngineLoader, JobError, start_worker};
@@ -82,7 +83,13 @@ fn start_jobs(step_ms: u64, ttl: Duration, api: ApiConfig) -> JobServer {
             ));
             let state = ApiState::new(worker.clone(), api).with_jobs(jobs.clone());
             let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(run_dispatcher(state.clone(), jobs.clone(), stop_rx.clone()));
+            let codec = Arc::new(HttpJobCodec::new(state.metrics.clone()));
+            tokio::spawn(run_dispatcher(
+                jobs.clone(),
+                state.worker.clone(),
+                codec,
+                stop_rx.clone(),
+            ));
             tokio::spawn(run_sweeper(jobs.clone(), stop_rx));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let server = Server {

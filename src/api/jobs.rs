@@ -22,8 +22,8 @@ use super::apidoc::{
 };
 use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
-use super::dispatch::{JobService, resolved_params};
 use super::error::ApiError;
+use super::job_codec::resolved_params;
 use super::middleware::Caller;
 use super::request::{NativeRequest, Validated, validate};
 use super::schema::{
@@ -31,6 +31,7 @@ use super::schema::{
     MapsBundle, PngFile,
 };
 use super::stream::event;
+use crate::jobs::JobService;
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
 
 /// Longest accepted `Idempotency-Key`.

@@ -7,9 +7,9 @@
 //! with the answer types in `schema`). Every failure is an [`ApiError`].
 pub mod apidoc;
 pub mod body;
-pub mod dispatch;
 pub mod error;
 mod generate;
+mod job_codec;
 mod jobs;
 pub mod middleware;
 pub mod openai;
@@ -29,8 +29,9 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-pub use dispatch::{JobService, JobsConfig, run_dispatcher, run_sweeper};
+pub use crate::jobs::{JobService, JobsConfig};
 pub use error::ApiError;
+pub use job_codec::HttpJobCodec;
 
 use crate::telemetry::Metrics;
 use crate::worker::{Catalog, WorkerHandle};

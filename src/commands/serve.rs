@@ -9,8 +9,9 @@ use anyhow::bail;
 use clap::Args;
 
 use super::device::{DeviceArg, DtypeArg, select_devices};
-use crate::api::{ApiKeys, JobsConfig};
+use crate::api::ApiKeys;
 use crate::app::{ServeSettings, serve};
+use crate::jobs::JobsConfig;
 use crate::worker::WorkerConfig;
 
 /// A secret from the command line or environment; Debug never shows it.

@@ -1,0 +1,95 @@
+//! How the HTTP layer's formats meet the job service: a stored row's parameters (the
+//! native request, every default resolved) become a worker job again through the same
+//! validation as a live request, and a finished job becomes its files (PNGs, attention-map
+//! bundles in the API's JSON).
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::output::{render_maps, timings_json};
+use super::request::{MapsOutput, NativeRequest, Validated, validate};
+use crate::jobs::JobCodec;
+use crate::store::{ArtifactFile, JobRow};
+use crate::telemetry::Metrics;
+use crate::worker::{Catalog, GenerationJob, JobOutput, legend_text};
+
+/// The stored form of a validated request: every default and the seed resolved, so that
+/// validating it again (after a restart) gives the same job and the same images.
+pub fn resolved_params(v: &Validated, req: &NativeRequest) -> Value {
+    let mut params = super::output::parameters_json(v);
+    params["return_attention_maps"] = json!(req.return_attention_maps);
+    params
+}
+
+/// The [`JobCodec`] of the HTTP API.
+pub struct HttpJobCodec {
+    metrics: Arc<Metrics>,
+}
+
+impl HttpJobCodec {
+    /// A codec recording finished jobs' stage times in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl JobCodec for HttpJobCodec {
+    type Extra = Option<MapsOutput>;
+
+    fn rebuild(
+        &self,
+        row: &JobRow,
+        catalog: &Catalog,
+        queue_capacity: usize,
+    ) -> Result<(GenerationJob, Self::Extra), String> {
+        let req: NativeRequest = serde_json::from_value(row.params.clone())
+            .map_err(|e| format!("stored parameters are unreadable: {e}"))?;
+        let seed = row.seeds.first().copied().unwrap_or(0);
+        let v = validate(&req, catalog, queue_capacity, seed)
+            .map_err(|e| format!("the job is no longer valid: {e}"))?;
+        Ok((v.job, v.maps))
+    }
+
+    fn files(&self, output: &JobOutput, maps: &Self::Extra) -> Result<Vec<ArtifactFile>, String> {
+        artifact_files(output, maps.as_ref())
+    }
+
+    fn timings(&self, output: &JobOutput) -> Value {
+        timings_json(&output.timings)
+    }
+
+    fn finished(&self, output: &JobOutput) {
+        super::generate::record_timings(&self.metrics, output);
+    }
+}
+
+/// One PNG per image, plus its attention-map bundle (JSON) when maps were asked for.
+fn artifact_files(
+    output: &JobOutput,
+    maps: Option<&MapsOutput>,
+) -> Result<Vec<ArtifactFile>, String> {
+    let legend = legend_text(&output.experts);
+    let mut files = Vec::new();
+    for (index, img) in output.images.iter().enumerate() {
+        files.push(ArtifactFile {
+            index,
+            kind: "png",
+            bytes: img.png.clone(),
+        });
+        if let (Some(opts), Some(m)) = (maps, &img.attention_maps) {
+            let rendered = render_maps(m, opts, &legend).map_err(|e| e.to_string())?;
+            let bundle = super::schema::MapsBundle {
+                index,
+                seed: img.seed,
+                experts: output.experts.clone(),
+                attention_maps: rendered,
+            };
+            files.push(ArtifactFile {
+                index,
+                kind: "maps",
+                bytes: serde_json::to_vec(&bundle).map_err(|e| e.to_string())?,
+            });
+        }
+    }
+    Ok(files)
+}

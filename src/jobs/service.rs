@@ -1,0 +1,132 @@
+//! The job service: the store, the artifact files and the live progress of dispatched jobs,
+//! shared by the HTTP routes, the dispatcher and the followers.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::store::{Artifacts, JobStore};
+
+/// Settings of the job service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobsConfig {
+    /// A job handed to the worker this many times without finishing ends `failed`.
+    pub max_attempts: u32,
+    /// Finished jobs (rows and files) are removed this long after they finished.
+    pub result_ttl: Duration,
+    /// How long `response_format: "url"` waits for its job.
+    pub url_wait: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            result_ttl: Duration::from_secs(24 * 3600),
+            url_wait: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Live progress of a dispatched job (not stored: it is worthless after a restart).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Live {
+    /// Images ahead of it in the worker's queue; `None` once it runs.
+    pub position: Option<usize>,
+    pub step: usize,
+    pub total: usize,
+}
+
+struct LiveEntry {
+    tx: watch::Sender<Live>,
+    cancel: Arc<Notify>,
+}
+
+/// Store + files + live state, shared by the routes, the dispatcher and the followers.
+pub struct JobService {
+    pub store: JobStore,
+    pub artifacts: Artifacts,
+    pub config: JobsConfig,
+    live: Mutex<HashMap<String, LiveEntry>>,
+    /// A job was queued.
+    pub(super) wake: Notify,
+    /// A dispatched job finished (worker capacity freed).
+    pub(super) freed: Notify,
+    pub(super) in_flight: AtomicUsize,
+    pub(super) in_flight_images: AtomicUsize,
+}
+
+impl JobService {
+    pub fn new(store: JobStore, artifacts: Artifacts, config: JobsConfig) -> Self {
+        Self {
+            store,
+            artifacts,
+            config,
+            live: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            freed: Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            in_flight_images: AtomicUsize::new(0),
+        }
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveEntry>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the dispatcher that a job was queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Progress of a dispatched job.
+    pub fn live(&self, id: &str) -> Option<Live> {
+        self.live_map().get(id).map(|e| e.tx.borrow().clone())
+    }
+
+    /// Progress updates of a dispatched job (closed when it finishes).
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Live>> {
+        self.live_map().get(id).map(|e| e.tx.subscribe())
+    }
+
+    /// Drops a running job from the worker (its row is already `cancelled`).
+    pub fn cancel_running(&self, id: &str) {
+        if let Some(e) = self.live_map().get(id) {
+            e.cancel.notify_one();
+        }
+    }
+
+    /// Jobs handed to the worker and not yet recorded.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn start_live(&self, id: &str) -> Arc<Notify> {
+        let (tx, _) = watch::channel(Live {
+            position: Some(0),
+            ..Live::default()
+        });
+        let cancel = Arc::new(Notify::new());
+        self.live_map().insert(
+            id.to_string(),
+            LiveEntry {
+                tx,
+                cancel: cancel.clone(),
+            },
+        );
+        cancel
+    }
+
+    /// Forgets a finished job's live progress (its followers see the channel close).
+    pub(super) fn end_live(&self, id: &str) {
+        self.live_map().remove(id);
+    }
+
+    pub(super) fn publish(&self, id: &str, f: impl FnOnce(&mut Live)) {
+        if let Some(e) = self.live_map().get(id) {
+            e.tx.send_modify(f);
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The expiry sweeper: finished jobs older than the TTL lose their files, then their rows.
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::service::JobService;
+use crate::store::now_ms;
+
+/// Removes finished jobs older than the TTL, files first, then rows, until `stop` turns true.
+pub async fn run_sweeper(jobs: Arc<JobService>, mut stop: watch::Receiver<bool>) {
+    let ttl = jobs.config.result_ttl;
+    let every = (ttl / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+        }
+        let before = now_ms() - ttl.as_millis() as i64;
+        match sweep(&jobs, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired jobs removed"),
+            Err(e) => tracing::error!("sweeping expired jobs: {e}"),
+        }
+    }
+}
+
+/// Removes the jobs that finished before `before_ms`; how many.
+pub async fn sweep(jobs: &JobService, before_ms: i64) -> Result<usize, String> {
+    let ids = jobs
+        .store
+        .expired(before_ms, 200)
+        .await
+        .map_err(|e| e.to_string())?;
+    for id in &ids {
+        let artifacts = jobs.artifacts.clone();
+        let job_id = id.clone();
+        tokio::task::spawn_blocking(move || artifacts.remove_job(&job_id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        jobs.store.delete_job(id).await.map_err(|e| e.to_string())?;
+    }
+    Ok(ids.len())
+}
