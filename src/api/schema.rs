@@ -444,7 +444,8 @@ pub enum ResponseFormat {
     Url,
 }
 
-/// Accepted for compatibility; no effect (a warning says so unless `auto`).
+/// Without `steps`: `low` runs half the ensemble's default steps, `auto`/`standard`/`medium`
+/// the default, `high`/`hd` twice it (within the step limit); with `steps`, no effect.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Quality {

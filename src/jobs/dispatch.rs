@@ -37,23 +37,16 @@ pub trait JobCodec: Send + Sync + 'static {
     fn finished(&self, output: &JobOutput);
 }
 
-/// A stored job made ready for the worker again.
-struct Rebuilt<E> {
-    job: GenerationJob,
-    extra: E,
-}
-
 /// Validates a stored job again against what is served now.
 fn rebuild<C: JobCodec>(
     worker: &WorkerHandle,
     codec: &C,
     row: &JobRow,
-) -> Result<Rebuilt<C::Extra>, String> {
+) -> Result<(GenerationJob, C::Extra), String> {
     let catalog = worker
         .catalog()
         .ok_or_else(|| "models are not loaded".to_string())?;
-    let (job, extra) = codec.rebuild(row, &catalog, worker.stats().queue_capacity)?;
-    Ok(Rebuilt { job, extra })
+    codec.rebuild(row, &catalog, worker.stats().queue_capacity)
 }
 
 /// Feeds queued jobs to the worker, oldest first, until `stop` turns true.
@@ -91,15 +84,15 @@ pub async fn run_dispatcher<C: JobCodec>(
             wait_freed(&jobs).await;
             continue;
         }
-        let rebuilt = match rebuild(&worker, codec.as_ref(), &row) {
+        let (job, extra) = match rebuild(&worker, codec.as_ref(), &row) {
             Ok(r) => r,
             Err(reason) => {
                 record(jobs.store.fail(&row.id, &reason).await, &row.id);
                 continue;
             }
         };
-        match worker.submit(rebuilt.job.clone()) {
-            Ok(ticket) => dispatched(&jobs, &codec, row, (ticket, rebuilt.extra)).await,
+        match worker.submit(job) {
+            Ok(ticket) => dispatched(&jobs, &codec, row, (ticket, extra)).await,
             Err(SubmitError::QueueFull { .. }) => wait_freed(&jobs).await,
             Err(SubmitError::NotReady { .. } | SubmitError::Draining { .. }) => pause(200).await,
             Err(e) => record(jobs.store.fail(&row.id, &e.to_string()).await, &row.id),

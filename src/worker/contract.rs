@@ -63,20 +63,10 @@ impl ImageMap {
     /// The composite heat map as PNG bytes, at the pixel scale of [`heatmap_scale`], with the
     /// `legend` in a text chunk.
     pub fn heatmap_png(&self, legend: &str) -> Result<Vec<u8>, String> {
-        let scale = heatmap_scale(self.shape[2]);
+        let scale = crate::pipeline::maps::heatmap_scale(self.shape[2]);
         crate::pipeline::maps::heatmap_png_from_values(&self.values, self.shape, scale, legend)
             .map_err(|e| e.to_string())
     }
-}
-
-/// How many PNG pixels a map cell of a `map_width`-wide map becomes.
-pub fn heatmap_scale(map_width: usize) -> usize {
-    crate::pipeline::maps::heatmap_scale(map_width)
-}
-
-/// The legend naming each expert's heat-map colour.
-pub fn legend_text(experts: &[String]) -> String {
-    crate::pipeline::maps::legend_text(experts)
 }
 
 /// One finished image.

@@ -96,7 +96,7 @@ fn next_batch(shared: &Shared, index: usize) -> Option<Vec<WorkItem>> {
         }
         drop_cancelled_and_expired(&mut state, cfg.request_timeout);
         if state.queue.is_empty() {
-            if state.running == 0 {
+            if state.running() == 0 {
                 shared.idle.notify_all();
             }
             state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -122,7 +122,6 @@ fn next_batch(shared: &Shared, index: usize) -> Option<Vec<WorkItem>> {
         break;
     }
     let batch = state.queue.take_batch(cfg.max_batch);
-    state.running += batch.len();
     state.stats.devices[index].running_images = batch.len();
     for id in state.queue.waiting_jobs() {
         if let (Some(position), Some(job)) = (state.queue.position(id), state.jobs.get(&id)) {
@@ -210,7 +209,6 @@ fn run_batch(shared: &Shared, index: usize, engine: &mut dyn Engine, batch: Vec<
             });
     let elapsed = started.elapsed();
     let mut state = shared.lock();
-    state.running -= batch.len();
     state.stats.batches += 1;
     state.stats.last_batch_size = batch.len();
     let device = &mut state.stats.devices[index];
@@ -235,7 +233,7 @@ fn run_batch(shared: &Shared, index: usize, engine: &mut dyn Engine, batch: Vec<
             }
         }
     }
-    if state.queue.is_empty() && state.running == 0 {
+    if state.queue.is_empty() && state.running() == 0 {
         shared.idle.notify_all();
     }
 }

@@ -124,8 +124,6 @@ pub(super) struct JobState {
 pub(super) struct State {
     pub(super) queue: Queue,
     pub(super) jobs: HashMap<u64, JobState>,
-    /// Images in running batches, all devices together.
-    pub(super) running: usize,
     /// `stats.devices[i]` is device i's; the totals are summed over them.
     pub(super) stats: WorkerStats,
     pub(super) catalog: Option<Arc<Catalog>>,
@@ -133,6 +131,11 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Images in running batches, all devices together.
+    pub(super) fn running(&self) -> usize {
+        self.stats.devices.iter().map(|d| d.running_images).sum()
+    }
+
     /// Images per second of the devices in service, together.
     pub(super) fn throughput(&self) -> f64 {
         self.stats
@@ -240,7 +243,6 @@ pub fn start_workers(devices: Vec<DeviceLoader>, config: WorkerConfig) -> Worker
         state: Mutex::new(State {
             queue: Queue::new(config.queue_capacity),
             jobs: HashMap::new(),
-            running: 0,
             stats: WorkerStats {
                 queue_capacity: config.queue_capacity,
                 devices: device_stats,
@@ -317,7 +319,7 @@ impl WorkerHandle {
         let n = items.len();
         if let Err(full) = state.queue.push_job(items) {
             state.stats.rejected_full += 1;
-            let ahead = full.queued + state.running;
+            let ahead = full.queued + state.running();
             return Err(SubmitError::QueueFull {
                 retry_after: retry_after(ahead + n, state.throughput()),
             });
@@ -370,7 +372,7 @@ impl WorkerHandle {
         let state = self.shared.lock();
         let mut stats = state.stats.clone();
         stats.queued_images = state.queue.len();
-        stats.running_images = state.running;
+        stats.running_images = state.running();
         stats.images_per_second = state.throughput();
         stats
     }
@@ -385,7 +387,7 @@ impl WorkerHandle {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
         loop {
-            if state.queue.is_empty() && state.running == 0 {
+            if state.queue.is_empty() && state.running() == 0 {
                 return true;
             }
             let now = Instant::now();

@@ -10,11 +10,12 @@ pub mod queue;
 /// The types of the layers below that are part of the contract (what a job asks for), so the
 /// HTTP layer names them through the worker.
 pub use crate::ensemble::EnsembleMode;
+pub use crate::pipeline::maps::{heatmap_scale, legend_text};
 pub use crate::pipeline::{ImageSpec, Limits, MapPoints, MapsRequest};
 pub use crate::schedulers::SchedulerKind;
 pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
-    SubmitError, heatmap_scale, legend_text,
+    SubmitError,
 };
 pub use engine::{
     BatchOutcome, Catalog, Engine, EnsembleCatalog, RegistryEngine, device_name, validate_job,
