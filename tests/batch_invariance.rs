@@ -120,6 +120,7 @@ fn same_seed_same_png_bytes_whatever_the_batch() {
                 negative_prompt: "blurry".into(),
                 seed: 42,
                 guidance_scale: 7.5,
+                init: None,
             }];
             for (i, (prompt, negative, guidance)) in mates.iter().take(n - 1).enumerate() {
                 images.push(ImageSpec {
@@ -127,6 +128,7 @@ fn same_seed_same_png_bytes_whatever_the_batch() {
                     negative_prompt: negative.to_string(),
                     seed: 1000 + i as u64,
                     guidance_scale: *guidance,
+                    init: None,
                 });
             }
             let request = BatchRequest {
@@ -135,6 +137,7 @@ fn same_seed_same_png_bytes_whatever_the_batch() {
                 height: 128,
                 steps: 10,
                 scheduler: SchedulerKind::Ddim,
+                strength: None,
                 initial_latents: None,
                 attention_maps: MapsRequest::Off,
             };

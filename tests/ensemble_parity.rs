@@ -44,11 +44,13 @@ fn request(tag: &str, latents: Option<Tensor>) -> BatchRequest {
             negative_prompt: "blurry".into(),
             seed: 0,
             guidance_scale: 7.5,
+            init: None,
         }],
         width: 128,
         height: 128,
         steps: 10,
         scheduler: SchedulerKind::Ddim,
+        strength: None,
         initial_latents: latents.or_else(|| Some(reference(tag, "latent_init"))),
         attention_maps: MapsRequest::Off,
     }

@@ -109,11 +109,13 @@ fn full_size_official_ensemble_matches_the_reference() {
             negative_prompt: "blurry".into(),
             seed: 0,
             guidance_scale: 7.5,
+            init: None,
         }],
         width: 256,
         height: 256,
         steps: 10,
         scheduler: SchedulerKind::Ddim,
+        strength: None,
         initial_latents: Some(npy(reference.join("latent_init.npy"))),
         attention_maps: MapsRequest::Off,
     };

@@ -34,6 +34,7 @@ fn generate(loaded: &LoadedEnsemble, mode: &EnsembleMode, steps: usize) -> Captu
             negative_prompt: negative.into(),
             seed,
             guidance_scale: 7.5,
+            init: None,
         })
         .collect();
     let request = BatchRequest {
@@ -42,6 +43,7 @@ fn generate(loaded: &LoadedEnsemble, mode: &EnsembleMode, steps: usize) -> Captu
         height: 128,
         steps,
         scheduler: SchedulerKind::Ddim,
+        strength: None,
         initial_latents: None,
         attention_maps: MapsRequest::Off,
     };

@@ -6,10 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use afa::loading::checkpoint::{LoadedModel, ModelSource, load_model};
-use afa::pipeline::{
-    BatchRequest, ImageSpec, Limits, Observer, PipelineError, SdPipeline, SingleUNet,
-};
+use afa::loading::checkpoint::ModelSource;
+use afa::pipeline::{BatchRequest, ImageSpec, Observer, PipelineError, SdPipeline, SingleUNet};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
 use common::{Capture, bound, max_abs_diff};
@@ -17,29 +15,11 @@ use common::{Capture, bound, max_abs_diff};
 const FIXTURES: &str = "tests/fixtures/pipeline";
 
 fn pipeline(source: ModelSource) -> SdPipeline<SingleUNet> {
-    let LoadedModel {
-        unet,
-        text_encoder,
-        vae,
-        tokenizer,
-        scheduler,
-    } = load_model(&source, common::dtype(), &common::device()).unwrap();
-    SdPipeline {
-        tokenizer,
-        denoiser: SingleUNet { text_encoder, unet },
-        vae,
-        scheduler_config: scheduler,
-        device: common::device(),
-        model_name: "tiny".into(),
-        limits: Limits::default(),
-    }
+    common::single_pipeline(source)
 }
 
 fn diffusers_folder() -> ModelSource {
-    ModelSource {
-        model: PathBuf::from("tests/fixtures/tiny-sd"),
-        ..Default::default()
-    }
+    common::tiny_sd()
 }
 
 fn fixture(kind: &str, name: &str) -> Tensor {
@@ -65,6 +45,7 @@ fn reference_request(kind: SchedulerKind, latents: Option<Tensor>) -> BatchReque
             negative_prompt: n.as_str().unwrap().into(),
             seed: i as u64,
             guidance_scale: meta["guidance"].as_f64().unwrap(),
+            init: None,
         })
         .collect();
     let size = meta["size"].as_u64().unwrap() as usize;
@@ -74,6 +55,7 @@ fn reference_request(kind: SchedulerKind, latents: Option<Tensor>) -> BatchReque
         height: size,
         steps: meta["steps"].as_u64().unwrap() as usize,
         scheduler: kind,
+        strength: None,
         initial_latents: latents,
         attention_maps: afa::pipeline::MapsRequest::Off,
     }

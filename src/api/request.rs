@@ -186,6 +186,7 @@ pub fn validate(
             negative_prompt: negative.clone(),
             seed: seed.wrapping_add(i),
             guidance_scale: guidance,
+            init: None,
         })
         .collect();
     let job = GenerationJob {
@@ -196,6 +197,7 @@ pub fn validate(
         height,
         steps: usize::try_from(steps).unwrap_or(usize::MAX),
         scheduler,
+        strength: None,
         attention_maps,
     };
     // The rules every job obeys (sizes, pixel budget, steps, guidance, prompt lengths, modes,

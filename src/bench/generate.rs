@@ -45,12 +45,14 @@ fn request(opts: &BenchOptions, images: usize, steps: usize) -> BatchRequest {
                 negative_prompt: "blurry".into(),
                 seed: i as u64,
                 guidance_scale: 7.5,
+                init: None,
             })
             .collect(),
         width: opts.gen_size,
         height: opts.gen_size,
         steps,
         scheduler: SchedulerKind::Ddim,
+        strength: None,
         initial_latents: None,
         attention_maps: MapsRequest::Off,
     }

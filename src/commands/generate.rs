@@ -288,6 +288,7 @@ pub(super) fn build_request(
             negative_prompt: args.negative_prompt.clone(),
             seed: first_seed.wrapping_add(i as u64),
             guidance_scale: args.guidance,
+            init: None,
         })
         .collect();
     Ok(BatchRequest {
@@ -296,6 +297,7 @@ pub(super) fn build_request(
         height: args.height.unwrap_or(default_size.1),
         steps: args.steps,
         scheduler: args.scheduler,
+        strength: None,
         initial_latents,
         attention_maps: if args.maps.is_some() {
             crate::pipeline::MapsRequest::PerStep(crate::pipeline::MapPoints::ALL)

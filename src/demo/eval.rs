@@ -267,12 +267,14 @@ fn alignment(
                     negative_prompt: String::new(),
                     seed: *seed,
                     guidance_scale: opts.guidance,
+                    init: None,
                 })
                 .collect(),
             width: IMAGE_SIZE,
             height: IMAGE_SIZE,
             steps: opts.steps,
             scheduler: opts.scheduler,
+            strength: None,
             initial_latents: None,
             attention_maps: if wants_maps {
                 MapsRequest::Averaged(crate::pipeline::MapPoints::ALL)

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::PipelineError;
 use super::denoiser::{DenoiseStep, Denoiser};
+use super::init_image::{InitLatents, batch_inits};
 use super::maps::{CollectedMaps, MapCollector};
 use super::noise::BatchNoise;
 use super::params::{BatchRequest, Limits, MapsRequest, sampler_display_name};
@@ -158,14 +159,30 @@ impl<D: Denoiser> SdPipeline<D> {
                 &Tensor::new(timesteps.as_slice(), &Device::Cpu)?,
             )?;
         }
-        let mut latents = (initial * scheduler.init_noise_sigma())?;
+        let steps = timesteps.len();
+        let start = req.strength.map_or(0, |s| s.start_index(steps));
+        let mut init = match batch_inits(&req.images, req.strength)? {
+            Some(inits) => Some(InitLatents::encode(
+                &self.vae,
+                &inits,
+                (req.width, req.height),
+                &initial,
+                &self.device,
+            )?),
+            None => None,
+        };
+        let mut latents = match &init {
+            Some(init) => init.start_latents(scheduler.as_ref(), start, steps)?,
+            None => (initial * scheduler.init_noise_sigma())?,
+        };
+        scheduler.begin_at(start)?;
         let guidance: Vec<f32> = req.images.iter().map(|i| i.guidance_scale as f32).collect();
         let mut guidance = Tensor::from_vec(guidance, (b, 1, 1, 1), &self.device)?;
         let mut context = context;
         let mut collected = MapCollector::default();
         // Original indices of the images still running.
         let mut active: Vec<usize> = (0..b).collect();
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             if observer.is_cancelled() {
                 return Err(PipelineError::Cancelled);
             }
@@ -193,6 +210,9 @@ impl<D: Denoiser> SdPipeline<D> {
                 context = self.denoiser.select_rows(&context, &doubled)?;
                 scheduler.retain_rows(&rows)?;
                 noise.retain(&keep);
+                if let Some(init) = &mut init {
+                    init.retain_rows(&rows, &keep)?;
+                }
                 collected.retain_rows(&doubled)?;
                 active = keep.iter().map(|&p| active[p]).collect();
             }
@@ -205,7 +225,7 @@ impl<D: Denoiser> SdPipeline<D> {
                 timesteps: &t_batch,
                 guidance: &guidance,
             };
-            let dump_maps = i == 0 && observer.wants_tensors();
+            let dump_maps = i == start && observer.wants_tensors();
             let mut step_maps = Vec::new();
             let capture =
                 (dump_maps || req.attention_maps != MapsRequest::Off).then_some(&mut step_maps);
@@ -218,11 +238,14 @@ impl<D: Denoiser> SdPipeline<D> {
             collected.push(req.attention_maps, step_maps)?;
             let (uncond, cond) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
             let guided = (&uncond + (cond - &uncond)?.broadcast_mul(&guidance)?)?;
-            if i == 0 && observer.wants_tensors() {
+            if i == start && observer.wants_tensors() {
                 observer.tensor("noise_pred_step0", &guided)?;
             }
             latents = scheduler.step(&guided, i, &latents, &mut noise)?;
-            observer.step(i + 1, timesteps.len());
+            if let Some(init) = &init {
+                latents = init.restore_known(latents, scheduler.as_ref(), i, steps)?;
+            }
+            observer.step(i + 1 - start, steps - start);
         }
         timings.denoise = started.elapsed();
         if observer.wants_tensors() {
@@ -274,7 +297,7 @@ impl<D: Denoiser> SdPipeline<D> {
         Ok(BatchOutput {
             images,
             timings,
-            attention_maps: collected.finish(timesteps.len())?,
+            attention_maps: collected.finish(steps - start)?,
         })
     }
 }

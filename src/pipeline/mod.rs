@@ -1,8 +1,9 @@
-//! Synchronous text -> image for one homogeneous batch: validated parameters, per-image seeded
-//! noise, classifier-free guidance batched as [uncond; cond], the sampler loop, VAE decode,
-//! and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
+//! Synchronous text -> image (and image -> image, inpainting) for one homogeneous batch:
+//! validated parameters, per-image seeded noise, classifier-free guidance batched as
+//! [uncond; cond], the sampler loop, VAE decode, and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
 mod denoiser;
 mod generate;
+mod init_image;
 pub mod maps;
 pub mod noise;
 mod params;
@@ -10,6 +11,7 @@ pub mod png;
 
 pub use denoiser::{DenoiseStep, Denoiser, SingleUNet};
 pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings, to_rgb8};
+pub use init_image::{InitImage, Strength};
 pub use maps::CollectedMaps;
 pub use noise::{BatchNoise, ImageRng};
 pub use params::{BatchRequest, ImageSpec, Limits, MapPoints, MapsRequest, sampler_display_name};

@@ -1,8 +1,11 @@
 //! The parameters of one batch and their validation. Every field is checked and a violation
 //! names the field; nothing is silently ignored.
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use super::PipelineError;
+use super::init_image::{InitImage, Strength};
 use crate::schedulers::SchedulerKind;
 
 /// One image of a batch. Prompts, seed and guidance may differ between images of one batch.
@@ -12,6 +15,8 @@ pub struct ImageSpec {
     pub negative_prompt: String,
     pub seed: u64,
     pub guidance_scale: f64,
+    /// Image-to-image / inpainting: what the image starts from (the batch has a strength).
+    pub init: Option<Arc<InitImage>>,
 }
 
 /// A homogeneous batch: everything that must be shared by the images run together.
@@ -22,7 +27,10 @@ pub struct BatchRequest {
     pub height: usize,
     pub steps: usize,
     pub scheduler: SchedulerKind,
-    /// Start from these latents `[B, C, H/f, W/f]` instead of seeded noise (parity tooling).
+    /// Image-to-image: the fraction of the schedule run from each image's init image.
+    pub strength: Option<Strength>,
+    /// Use these `[B, C, H/f, W/f]` as the initial noise instead of seeded draws (parity
+    /// tooling).
     pub initial_latents: Option<Tensor>,
     /// Which expert-weight maps to return (ensembles only).
     pub attention_maps: MapsRequest,
@@ -192,6 +200,10 @@ impl BatchRequest {
                 }
             }
         }
+        let inits = super::init_image::batch_inits(&self.images, self.strength)?;
+        for init in inits.iter().flatten() {
+            init.check(self.width, self.height)?;
+        }
         if let Some(latents) = &self.initial_latents {
             let (h, w) = (self.height / multiple, self.width / multiple);
             let dims = latents.dims();
@@ -230,11 +242,13 @@ mod tests {
                 negative_prompt: String::new(),
                 seed: 1,
                 guidance_scale: 7.5,
+                init: None,
             }],
             width: 512,
             height: 512,
             steps: 20,
             scheduler: SchedulerKind::Ddim,
+            strength: None,
             initial_latents: None,
             attention_maps: MapsRequest::Off,
         }

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::betas::{div_scalar, mul_scalar, np_arange, np_linspace, np_round};
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind,
-    TimestepSpacing, alphas_cumprod, check_step,
+    TimestepSpacing, alphas_cumprod, check_noise_index, check_step,
 };
 
 /// Deterministic DDIM sampler for one job.
@@ -128,5 +128,18 @@ impl Scheduler for Ddim {
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Ddim
+    }
+
+    /// diffusers: `sqrt(acp[t]) * x + sqrt(1 - acp[t]) * noise`, `acp` in float32.
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
+        check_noise_index(step_index, self.timesteps.len())?;
+        let a_t = self.alphas[step_index].0;
+        let noise = noise.to_dtype(original.dtype())?;
+        Ok((mul_scalar(original, a_t.sqrt())? + mul_scalar(&noise, (1.0f32 - a_t).sqrt())?)?)
     }
 }

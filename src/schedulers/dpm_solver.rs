@@ -11,7 +11,7 @@ use super::betas::{
 };
 use super::{
     FinalSigmas, NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError,
-    SchedulerKind, TimestepSpacing, alphas_cumprod, check_step,
+    SchedulerKind, TimestepSpacing, alphas_cumprod, check_noise_index, check_step,
 };
 
 /// DPM++ 2M sampler for one job. Holds the previous step's x0 prediction.
@@ -203,6 +203,32 @@ impl Scheduler for DpmSolverMultistep {
         } else {
             SchedulerKind::DpmPp2m
         }
+    }
+
+    /// diffusers: `alpha_t * x + sigma_t * noise` with `alpha_t = 1 / sqrt(sigma^2 + 1)`.
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
+        check_noise_index(step_index, self.timesteps.len())?;
+        let (alpha_t, sigma_t, _) = alpha_sigma_lambda(self.sigmas[step_index]);
+        let noise = noise.to_dtype(original.dtype())?;
+        Ok((mul_scalar(original, alpha_t)? + mul_scalar(&noise, sigma_t)?)?)
+    }
+
+    /// The first step taken is first order, as in diffusers after `set_begin_index`.
+    fn begin_at(&mut self, step_index: usize) -> Result<(), SchedulerError> {
+        if self.next_step != 0 || step_index > self.timesteps.len() {
+            return Err(SchedulerError::InvalidInput(format!(
+                "DPM++ 2M cannot begin at step {step_index} (next step {}, {} steps)",
+                self.next_step,
+                self.timesteps.len()
+            )));
+        }
+        self.next_step = step_index;
+        Ok(())
     }
 
     fn retain_rows(&mut self, rows: &Tensor) -> Result<(), SchedulerError> {

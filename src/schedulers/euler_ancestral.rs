@@ -10,7 +10,7 @@ use super::betas::{
 };
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind,
-    TimestepSpacing, alphas_cumprod, check_step,
+    TimestepSpacing, alphas_cumprod, check_noise_index, check_step,
 };
 
 /// Euler ancestral sampler for one job.
@@ -134,5 +134,17 @@ impl Scheduler for EulerAncestral {
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::EulerAncestral
+    }
+
+    /// diffusers: `x + noise * sigma` (sigma space; the input is scaled at each step).
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
+        check_noise_index(step_index, self.timesteps.len())?;
+        let noise = noise.to_dtype(original.dtype())?;
+        Ok((original + mul_scalar(&noise, self.sigmas[step_index])?)?)
     }
 }

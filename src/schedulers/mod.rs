@@ -247,10 +247,34 @@ pub trait Scheduler: Send {
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, SchedulerError>;
     fn kind(&self) -> SchedulerKind;
+    /// `original` [B, C, H, W] noised with `noise` (same shape) to the noise level of step
+    /// `step_index`'s input, as diffusers' `add_noise` at that step (image-to-image start,
+    /// inpainting's re-noised known region). The result is in `original`'s dtype.
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor, SchedulerError>;
+    /// Starts the run at `step_index` instead of 0 (image-to-image skips the first steps; the
+    /// diffusers `set_begin_index`). Call before the first `step`.
+    fn begin_at(&mut self, _step_index: usize) -> Result<(), SchedulerError> {
+        Ok(())
+    }
     /// Keeps only these batch rows of any per-sample state (images dropped mid-run).
     fn retain_rows(&mut self, _rows: &Tensor) -> Result<(), SchedulerError> {
         Ok(())
     }
+}
+
+/// The index check of `add_noise`: `step_index` must name a step of the schedule.
+pub(crate) fn check_noise_index(step_index: usize, len: usize) -> Result<(), SchedulerError> {
+    if step_index >= len {
+        return Err(SchedulerError::InvalidInput(format!(
+            "noise level of step {step_index} asked of a schedule of {len} steps"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `step_index` against a schedule of `len` steps and the tensor shapes agree.

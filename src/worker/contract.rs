@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::ensemble::EnsembleMode;
-use crate::pipeline::{ImageSpec, MapsRequest};
+use crate::pipeline::{ImageSpec, MapsRequest, Strength};
 use crate::schedulers::SchedulerKind;
 
 /// One validated generation request: `images.len()` images (n) of one ensemble, with every
@@ -18,6 +18,8 @@ pub struct GenerationJob {
     pub height: usize,
     pub steps: usize,
     pub scheduler: SchedulerKind,
+    /// Image-to-image / inpainting: every image carries an init image.
+    pub strength: Option<Strength>,
     pub attention_maps: MapsRequest,
 }
 
@@ -31,6 +33,7 @@ impl GenerationJob {
             height: self.height,
             steps: self.steps,
             scheduler: self.scheduler,
+            strength: self.strength,
             attention_maps: self.attention_maps,
         }
     }
@@ -45,6 +48,7 @@ pub struct BatchKey {
     pub height: usize,
     pub steps: usize,
     pub scheduler: SchedulerKind,
+    pub strength: Option<Strength>,
     pub attention_maps: MapsRequest,
 }
 

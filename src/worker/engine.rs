@@ -257,6 +257,7 @@ impl Engine for RegistryEngine {
             height: key.height,
             steps: key.steps,
             scheduler: key.scheduler,
+            strength: key.strength,
             initial_latents: None,
             attention_maps: key.attention_maps,
         };
@@ -401,6 +402,7 @@ pub fn validate_job(
         height: job.height,
         steps: job.steps,
         scheduler: job.scheduler,
+        strength: job.strength,
         initial_latents: None,
         attention_maps: job.attention_maps,
     };

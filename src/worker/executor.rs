@@ -70,6 +70,7 @@ fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) -> Result<(), (String, Jo
             height: e.allowed_sizes.first().map(|s| s.1).unwrap_or(min),
             steps: 1,
             scheduler: crate::schedulers::SchedulerKind::Ddim,
+            strength: None,
             attention_maps: crate::pipeline::MapsRequest::Off,
         };
         let image = crate::pipeline::ImageSpec {
@@ -77,6 +78,7 @@ fn warm_up(engine: &mut dyn Engine, catalog: &Catalog) -> Result<(), (String, Jo
             negative_prompt: String::new(),
             seed: 0,
             guidance_scale: 1.0,
+            init: None,
         };
         engine
             .run(&key, &[image], &mut ())

@@ -144,6 +144,7 @@ mod tests {
             height: 64,
             steps,
             scheduler: SchedulerKind::Ddim,
+            strength: None,
             attention_maps: MapsRequest::Off,
         }
     }
@@ -159,6 +160,7 @@ mod tests {
                     negative_prompt: String::new(),
                     seed: i as u64,
                     guidance_scale: 7.5,
+                    init: None,
                 },
                 enqueued_at: Instant::now(),
             })

@@ -143,6 +143,36 @@ pub fn legacy_folder(tag: &str) -> PathBuf {
     dir
 }
 
+/// The tiny diffusers folder (tests/fixtures/tiny-sd).
+pub fn tiny_sd() -> afa::loading::checkpoint::ModelSource {
+    afa::loading::checkpoint::ModelSource {
+        model: PathBuf::from("tests/fixtures/tiny-sd"),
+        ..Default::default()
+    }
+}
+
+/// The single-model pipeline of `source` on the test device in the test dtype.
+pub fn single_pipeline(
+    source: afa::loading::checkpoint::ModelSource,
+) -> afa::pipeline::SdPipeline<afa::pipeline::SingleUNet> {
+    let afa::loading::checkpoint::LoadedModel {
+        unet,
+        text_encoder,
+        vae,
+        tokenizer,
+        scheduler,
+    } = afa::loading::checkpoint::load_model(&source, dtype(), &device()).unwrap();
+    afa::pipeline::SdPipeline {
+        tokenizer,
+        denoiser: afa::pipeline::SingleUNet { text_encoder, unet },
+        vae,
+        scheduler_config: scheduler,
+        device: device(),
+        model_name: "tiny".into(),
+        limits: afa::pipeline::Limits::default(),
+    }
+}
+
 /// The pipeline of a loaded ensemble in `mode` (default limits, on the ensemble's device).
 pub fn ensemble_pipeline<'a>(
     loaded: &'a afa::loading::ensemble::LoadedEnsemble,

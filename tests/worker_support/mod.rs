@@ -47,12 +47,14 @@ pub fn job(prompt: &str, n: usize, seed: u64) -> GenerationJob {
                 negative_prompt: String::new(),
                 seed: seed + i as u64,
                 guidance_scale: 7.5,
+                init: None,
             })
             .collect(),
         width: 64,
         height: 64,
         steps: 4,
         scheduler: SchedulerKind::Ddim,
+        strength: None,
         attention_maps: MapsRequest::Off,
     }
 }
