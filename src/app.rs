@@ -39,6 +39,8 @@ pub struct ServeSettings {
     /// Where job artifacts are written.
     pub data_dir: PathBuf,
     pub jobs: JobsConfig,
+    /// Body limit of the routes that carry pictures.
+    pub max_upload_bytes: usize,
 }
 
 /// Runs the server until a shutdown signal (or a failed model load, which is an error).
@@ -116,6 +118,7 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
     let config = ApiConfig {
         api_keys: settings.api_keys.clone(),
         settings: settings_json(&settings),
+        max_upload_bytes: settings.max_upload_bytes,
         ..ApiConfig::default()
     };
     let state = ApiState::new(worker.clone(), config).with_jobs(jobs.clone());

@@ -200,3 +200,68 @@ fn bad_input_gives_one_error_line_and_no_panic() {
         assert!(error_lines[0].contains(needle), "{extra:?}: {stderr}");
     }
 }
+
+/// Runs `afa generate` on the embedded default with `extra` flags, writing `out`.
+fn generate_demo(prompt: &str, out: &Path, extra: &[&str]) {
+    let run = afa()
+        .args([
+            "generate", "--prompt", prompt, "--seed", "7", "--steps", "10", "--quiet",
+        ])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn init_image_and_mask_from_the_command_line() {
+    let dir = scratch("img2img");
+    let red = dir.join("red.png");
+    generate_demo("a red circle on the left", &red, &[]);
+    // Half the schedule from the picture: the prompt's colour, the picture's place.
+    let touched = dir.join("touched.png");
+    let init = red.to_str().unwrap();
+    generate_demo(
+        "a blue square on the right",
+        &touched,
+        &["--init-image", init, "--strength", "0.5"],
+    );
+    let verdict = afa::demo::judge(&image::open(&touched).unwrap().to_rgb8());
+    assert_eq!(verdict.colour, Some(afa::demo::Colour::Blue), "{verdict:?}");
+    assert_eq!(
+        verdict.position,
+        Some(afa::demo::Position::Left),
+        "{verdict:?}"
+    );
+    // A mask that repaints everything at strength 1 is text-to-image, byte for byte.
+    let mask = dir.join("white.png");
+    image::GrayImage::from_pixel(64, 64, image::Luma([255]))
+        .save(&mask)
+        .unwrap();
+    let (inpainted, text) = (dir.join("inpainted.png"), dir.join("text.png"));
+    let prompt = "a blue square on the right";
+    generate_demo(
+        prompt,
+        &inpainted,
+        &["--init-image", init, "--mask", mask.to_str().unwrap()],
+    );
+    generate_demo(prompt, &text, &[]);
+    assert_eq!(
+        std::fs::read(&inpainted).unwrap(),
+        std::fs::read(&text).unwrap()
+    );
+    // A mask without an init image is refused by clap, naming the flag.
+    let run = afa()
+        .args(["generate", "--prompt", "a", "--mask"])
+        .arg(&mask)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--init-image"));
+}

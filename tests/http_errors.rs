@@ -260,8 +260,8 @@ fn cases() -> Vec<Case> {
             Some("return_attention_maps.fmt"),
         ),
         native(
-            "oversize body",
-            format!("{{\"prompt\": \"{}\"}}", "y".repeat(2 * 1024 * 1024)),
+            "oversize body (past the 16 MiB upload limit)",
+            format!("{{\"prompt\": \"{}\"}}", "y".repeat(17 * 1024 * 1024)),
             413,
             None,
         ),
@@ -278,6 +278,12 @@ fn cases() -> Vec<Case> {
             j(json!({"prompt": "a", "response_format": "url"})),
             400,
             Some("response_format"),
+        ),
+        openai(
+            "openai oversize body (generations carry no pictures: 1 MiB)",
+            format!("{{\"prompt\": \"{}\"}}", "y".repeat(2 * 1024 * 1024)),
+            413,
+            None,
         ),
         openai(
             "openai unknown field",

@@ -309,7 +309,61 @@ pub async fn openai(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let req: OpenAiImageRequest = parse_json(&bytes_or_error(body)?)?;
-    let (mut native, options) = to_native(req)?;
+    let (native, options) = to_native(req)?;
+    let route = "/v1/images/generations";
+    run_openai(&state, &caller, &headers, native, options, (route, started)).await
+}
+
+/// `POST /v1/images/edits`: an OpenAI edit (multipart, as the official client sends it) as
+/// image-to-image, or inpainting where the mask (or the picture itself) is transparent.
+/// Answers as `/v1/images/generations` does.
+#[utoipa::path(
+    post,
+    path = "/v1/images/edits",
+    tag = "openai",
+    request_body(content = super::edits::OpenAiEditForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The images", content(
+            (OpenAiImagesResponse = "application/json"),
+            (ref("#/components/schemas/OpenAiStreamEvent") = "text/event-stream"),
+        )),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = ModelNotFound),
+        (status = 413, response = TooLarge),
+        (status = 429, response = QueueFull),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn openai_edit(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    form: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let form = form.map_err(|e| ApiError::Invalid {
+        message: format!("send multipart/form-data: {}", e.body_text()),
+        param: None,
+    })?;
+    let (native, options) = super::edits::read_edit(form).await?;
+    let route = "/v1/images/edits";
+    run_openai(&state, &caller, &headers, native, options, (route, started)).await
+}
+
+/// The OpenAI routes after parsing: quality as steps, logging of the caller's ids, then a
+/// stored job (`url`), a stream, or a wait for the images. `timing`: the route's name in the
+/// metrics and when the request arrived.
+async fn run_openai(
+    state: &ApiState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    mut native: NativeRequest,
+    options: super::openai::OpenAiOptions,
+    (route, started): (&'static str, Instant),
+) -> Result<Response, ApiError> {
     if native.steps.is_none() && options.quality != "auto" {
         let catalog = state.ready_catalog()?;
         let name = native.model.as_deref().unwrap_or(&catalog.default_ensemble);
@@ -327,23 +381,21 @@ pub async fn openai(
         tracing::info!(?user, ?safety_identifier, "openai request");
     }
     if options.url {
-        return openai_url(&state, &caller, &headers, &native, &options.warnings).await;
+        return openai_url(state, caller, headers, &native, &options.warnings).await;
     }
-    let (validated, mut admitted) = submit(&state, &caller, &native).await?;
+    let (validated, mut admitted) = submit(state, caller, &native).await?;
     if options.stream {
         let flavor = Flavor::OpenAi {
             warnings: options.warnings,
             quality: options.quality,
         };
-        return Ok(sse_response(state, validated, admitted, flavor));
+        return Ok(sse_response(state.clone(), validated, admitted, flavor));
     }
     let mut guard = DisconnectGuard::new(state.metrics.clone());
     let output = wait_output(&mut admitted.ticket, &state.metrics).await;
     guard.finish();
     let output = output?;
-    state
-        .metrics
-        .request_duration("/v1/images/generations", started.elapsed());
+    state.metrics.request_duration(route, started.elapsed());
     let warnings = options.warnings;
     let body = render_blocking(move || Ok(openai_json(&output, &validated, &warnings))).await?;
     Ok(axum::Json(body).into_response())

@@ -18,7 +18,30 @@ use crate::worker::{Catalog, GenerationJob, JobOutput, legend_text};
 pub fn resolved_params(v: &Validated, req: &NativeRequest) -> Value {
     let mut params = super::output::parameters_json(v);
     params["return_attention_maps"] = json!(req.return_attention_maps);
+    // The pictures as uploaded: validating again resizes them the same way.
+    for (field, value) in [("init_image", &req.init_image), ("mask", &req.mask)] {
+        if let Some(value) = value {
+            params[field] = json!(value);
+        }
+    }
     params
+}
+
+/// Stored parameters as a client sees them (`GET /v1/jobs/{id}`): pictures are named by
+/// their SHA-256 (`init_image_sha256`, `mask_sha256`) instead of repeated.
+pub fn public_params(params: &Value) -> Value {
+    let mut view = params.clone();
+    if let Some(map) = view.as_object_mut() {
+        for field in ["init_image", "mask"] {
+            if let Some(Value::String(data)) = map.remove(field) {
+                map.insert(
+                    format!("{field}_sha256"),
+                    json!(crate::store::sha256_hex(data.as_bytes())),
+                );
+            }
+        }
+    }
+    view
 }
 
 /// The [`JobCodec`] of the HTTP API.

@@ -251,7 +251,7 @@ pub(super) async fn job_view(
         status: row.status.as_str().into(),
         model: row.ensemble.clone(),
         seeds: row.seeds.clone(),
-        parameters: row.params.clone(),
+        parameters: super::job_codec::public_params(&row.params),
         queue_position: position,
         progress,
         attempts: row.attempts,

@@ -7,8 +7,10 @@
 //! with the answer types in `schema`). Every failure is an [`ApiError`].
 pub mod apidoc;
 pub mod body;
+mod edits;
 pub mod error;
 mod generate;
+pub mod init_request;
 mod job_codec;
 mod jobs;
 pub mod middleware;
@@ -38,6 +40,9 @@ use crate::worker::{Catalog, WorkerHandle};
 
 /// Request body limit when none is configured: 1 MiB (prompts are bounded far below).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Body limit of the routes that carry pictures (init images, masks) when none is
+/// configured: 16 MiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 16 * 1024 * 1024;
 
 /// The API keys clients must present (`Authorization: Bearer <key>`); none = open.
 /// Debug output never shows the keys.
@@ -77,6 +82,8 @@ impl fmt::Debug for ApiKeys {
 pub struct ApiConfig {
     pub api_keys: ApiKeys,
     pub max_body_bytes: usize,
+    /// Body limit of `POST /generate`, `/generate/stream`, `/v1/jobs` and `/v1/images/edits`.
+    pub max_upload_bytes: usize,
     /// Interval of `:` keep-alive comments on event streams.
     pub keep_alive: Duration,
     /// Server settings shown in `/info` (batch size, queue capacity, ...).
@@ -88,6 +95,7 @@ impl Default for ApiConfig {
         Self {
             api_keys: ApiKeys::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             keep_alive: Duration::from_secs(15),
             settings: serde_json::Value::Null,
         }
@@ -143,26 +151,34 @@ impl ApiState {
 }
 
 /// Routes that generate images (their refusals are counted as rejections).
-const GENERATION_ROUTES: [&str; 4] = [
+const GENERATION_ROUTES: [&str; 5] = [
     "/generate",
     "/generate/stream",
     "/v1/images/generations",
+    "/v1/images/edits",
     "/v1/jobs",
 ];
 
 /// The whole HTTP API.
 pub fn router(state: ApiState) -> Router {
     let max_body = state.config.max_body_bytes;
+    let uploads = DefaultBodyLimit::max(state.config.max_upload_bytes);
     Router::new()
         .route("/", get(ui::index))
         .route("/ui/{*name}", get(ui::asset))
-        .route("/generate", post(generate::native))
+        .route("/generate", post(generate::native).layer(uploads))
         .route(
             "/generate/stream",
-            get(generate::native_stream_get).post(generate::native_stream_post),
+            get(generate::native_stream_get)
+                .post(generate::native_stream_post)
+                .layer(uploads),
         )
         .route("/v1/images/generations", post(generate::openai))
-        .route("/v1/jobs", post(jobs::create))
+        .route(
+            "/v1/images/edits",
+            post(generate::openai_edit).layer(uploads),
+        )
+        .route("/v1/jobs", post(jobs::create).layer(uploads))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/images/{k}", get(jobs::image))

@@ -230,6 +230,9 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         return_attention_maps: req.return_attention_maps,
         output_format: req.output_format,
         stream: None,
+        init_image: None,
+        mask: None,
+        strength: None,
     };
     let options = OpenAiOptions {
         stream: req.stream.unwrap_or(false),

@@ -108,6 +108,7 @@ pub async fn info(State(state): State<ApiState>) -> axum::Json<Info> {
             max_n: l.max_batch,
             max_prompt_bytes: l.max_prompt_bytes,
             max_body_bytes: state.config.max_body_bytes,
+            max_upload_bytes: state.config.max_upload_bytes,
             max_attention_map_bytes: l.max_map_bytes,
         });
         let ensembles = c

@@ -85,6 +85,7 @@ pub fn parameters(v: &Validated) -> Parameters {
         guidance_scale: v.guidance_scale,
         scheduler: j.scheduler.as_str().into(),
         seed: first.seed,
+        strength: j.strength.map(|s| s.value()),
         return_attention_maps: None,
     }
 }

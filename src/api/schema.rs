@@ -60,6 +60,9 @@ pub struct Parameters {
     pub scheduler: String,
     /// The seed of the first image (image i used seed + i).
     pub seed: u64,
+    /// Image-to-image / inpainting only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
     /// As requested (stored jobs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<MapsOption>)]
@@ -270,6 +273,8 @@ pub struct InfoLimits {
     pub max_n: usize,
     pub max_prompt_bytes: usize,
     pub max_body_bytes: usize,
+    /// The body limit of the routes that carry pictures.
+    pub max_upload_bytes: usize,
     pub max_attention_map_bytes: usize,
 }
 

@@ -1,5 +1,7 @@
-//! `afa generate`: load one model, run one batch, write PNGs (and optional `.npy` dumps).
+//! `afa generate`: load one model, run one batch (text-to-image, or from `--init-image` with an
+//! optional `--mask`), write PNGs (and optional `.npy` dumps).
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
@@ -9,9 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::device::{DeviceArg, DtypeArg};
 use crate::loading::checkpoint::{LoadedModel, ModelSource, load_model};
 use crate::loading::embedded::{EMBEDDED_ENSEMBLE_NAME, materialize_embedded_ensemble};
+use crate::pipeline::image_input;
 use crate::pipeline::{
-    BatchOutput, BatchRequest, Denoiser, ImageSpec, Limits, Observer, PipelineError, SdPipeline,
-    SingleUNet,
+    BatchOutput, BatchRequest, Denoiser, ImageSpec, InitImage, Limits, Observer, PipelineError,
+    SdPipeline, SingleUNet, Strength,
 };
 use crate::schedulers::SchedulerKind;
 
@@ -86,6 +89,62 @@ pub struct GenerateArgs {
     /// Write the attention maps (heat-map PNGs, an index.html with the legend, raw .npy) here.
     #[arg(long)]
     pub maps: Option<PathBuf>,
+    /// Image-to-image: start from this picture (PNG, JPEG or WebP), resized to the output
+    /// size; without --width/--height the output takes the picture's size (rounded down to a
+    /// multiple of 8).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting (with --init-image): a picture of the same size, white where it is
+    /// repainted, black where it is kept.
+    #[arg(long, requires = "init_image")]
+    pub mask: Option<PathBuf>,
+    /// With --init-image: the fraction of the schedule run, 0..=1 (default 0.8; 1.0 with
+    /// --mask).
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
+}
+
+/// The init image of `args` at `size`, and the strength, when `--init-image` is given.
+fn init_from_args(
+    args: &GenerateArgs,
+    size: (usize, usize),
+) -> anyhow::Result<Option<(Arc<InitImage>, Strength)>> {
+    let Some(path) = &args.init_image else {
+        return Ok(None);
+    };
+    let picture = read_picture(path, "init_image")?;
+    let mask = match &args.mask {
+        Some(m) => Some(image_input::to_native_mask(
+            &read_picture(m, "mask")?,
+            image_input::MaskConvention::WhiteRepaints,
+            "mask",
+        )?),
+        None => None,
+    };
+    let default = if mask.is_some() { 1.0 } else { 0.8 };
+    let strength = Strength::new(args.strength.unwrap_or(default))?;
+    let init = image_input::init_image(&picture, mask.as_ref(), size)?;
+    Ok(Some((Arc::new(init), strength)))
+}
+
+fn read_picture(path: &Path, field: &'static str) -> anyhow::Result<image::DynamicImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    image_input::decode_picture(&bytes, field, image_input::InputLimits::default())
+        .with_context(|| path.display().to_string())
+}
+
+/// The output size: --width/--height, else the init picture's own size, else `default`.
+fn output_size(args: &GenerateArgs, default: (usize, usize)) -> anyhow::Result<(usize, usize)> {
+    if let (None, None, Some(path)) = (args.width, args.height, &args.init_image) {
+        return Ok(image_input::natural_size(
+            &read_picture(path, "init_image")?,
+            8,
+        ));
+    }
+    Ok((
+        args.width.unwrap_or(default.0),
+        args.height.unwrap_or(default.1),
+    ))
 }
 
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
@@ -282,22 +341,24 @@ pub(super) fn build_request(
         bail!("--batch must be at least 1");
     }
     let first_seed = args.seed.unwrap_or_else(random_seed);
+    let (width, height) = output_size(args, default_size)?;
+    let init = init_from_args(args, (width, height))?;
     let images = (0..batch)
         .map(|i| ImageSpec {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             seed: first_seed.wrapping_add(i as u64),
             guidance_scale: args.guidance,
-            init: None,
+            init: init.as_ref().map(|(image, _)| image.clone()),
         })
         .collect();
     Ok(BatchRequest {
         images,
-        width: args.width.unwrap_or(default_size.0),
-        height: args.height.unwrap_or(default_size.1),
+        width,
+        height,
         steps: args.steps,
         scheduler: args.scheduler,
-        strength: None,
+        strength: init.map(|(_, strength)| strength),
         initial_latents,
         attention_maps: if args.maps.is_some() {
             crate::pipeline::MapsRequest::PerStep(crate::pipeline::MapPoints::ALL)

@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// A job interrupted or failing this many times ends `failed`.
     #[arg(long, env = "AFA_JOB_MAX_ATTEMPTS", default_value_t = 3)]
     pub job_max_attempts: u32,
+    /// Body limit, in bytes, of the routes that carry pictures (`POST /generate`,
+    /// `/generate/stream`, `/v1/jobs` with `init_image`, and `/v1/images/edits`).
+    #[arg(long, env = "AFA_MAX_UPLOAD_BYTES", default_value_t = crate::api::DEFAULT_MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: usize,
 }
 
 /// Turns flags into settings (checks ranges; does not touch the network or models).
@@ -103,6 +107,9 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
     }
     if args.result_ttl_s == 0 || args.job_max_attempts == 0 {
         bail!("--result-ttl-s and --job-max-attempts must be at least 1");
+    }
+    if args.max_upload_bytes < 1024 {
+        bail!("--max-upload-bytes must be at least 1024");
     }
     let devices = select_devices(args.device, &args.devices)?;
     let dtype = match args.dtype {
@@ -129,6 +136,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             result_ttl: Duration::from_secs(args.result_ttl_s),
             url_wait: Duration::from_secs(args.request_timeout_s),
         },
+        max_upload_bytes: args.max_upload_bytes,
     })
 }
 

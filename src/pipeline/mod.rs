@@ -3,6 +3,7 @@
 //! [uncond; cond], the sampler loop, VAE decode, and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
 mod denoiser;
 mod generate;
+pub mod image_input;
 mod init_image;
 pub mod maps;
 pub mod noise;

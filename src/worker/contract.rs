@@ -158,3 +158,25 @@ pub enum SubmitError {
     #[error("unknown model '{0}'")]
     UnknownEnsemble(String),
 }
+
+impl From<crate::pipeline::PipelineError> for SubmitError {
+    /// A request the pipeline's validation refused: the caller's mistake, by field (anything
+    /// else is reported against `request`).
+    fn from(e: crate::pipeline::PipelineError) -> Self {
+        use crate::pipeline::PipelineError;
+        match e {
+            PipelineError::Invalid { field, reason } => SubmitError::Invalid {
+                field: field.into(),
+                reason,
+            },
+            PipelineError::TooLarge { field, reason } => SubmitError::TooLarge {
+                field: field.into(),
+                reason,
+            },
+            other => SubmitError::Invalid {
+                field: "request".into(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}

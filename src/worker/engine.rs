@@ -412,14 +412,7 @@ pub fn validate_job(
             images: vec![image.clone()],
             ..request.clone()
         };
-        one.validate(&catalog.limits, 8).map_err(|e| match e {
-            PipelineError::Invalid { field, reason } => invalid(field, reason),
-            PipelineError::TooLarge { field, reason } => SubmitError::TooLarge {
-                field: field.into(),
-                reason,
-            },
-            other => invalid("request", other.to_string()),
-        })?;
+        one.validate(&catalog.limits, 8)?;
     }
     if job.images.is_empty() {
         return Err(invalid("n", "at least one image".into()));

@@ -10,8 +10,9 @@ pub mod queue;
 /// The types of the layers below that are part of the contract (what a job asks for), so the
 /// HTTP layer names them through the worker.
 pub use crate::ensemble::EnsembleMode;
+pub use crate::pipeline::image_input;
 pub use crate::pipeline::maps::{heatmap_scale, legend_text};
-pub use crate::pipeline::{ImageSpec, Limits, MapPoints, MapsRequest};
+pub use crate::pipeline::{ImageSpec, InitImage, Limits, MapPoints, MapsRequest, Strength};
 pub use crate::schedulers::SchedulerKind;
 pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,
