@@ -41,6 +41,49 @@ def png_text_chunks(data: bytes) -> dict:
     return chunks
 
 
+def make_png(width: int, height: int, pixel) -> bytes:
+    """An 8-bit RGBA PNG whose pixel (x, y) is pixel(x, y) -> (r, g, b, a)."""
+    rows = b"".join(b"\0" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def check_edits(client: OpenAI) -> None:
+    """images.edit as an application calls it: a picture, then with a mask (transparent where it
+    is edited), our extensions through extra_body, and refusals by name."""
+    picture = make_png(96, 64, lambda x, y: (2 * x, 3 * y, 128, 255))
+    mask = make_png(96, 64, lambda x, y: (0, 0, 0, 0 if x < 48 else 255))
+    edited = client.images.edit(model="tiny-afa", image=("picture.png", picture, "image/png"),
+                                prompt="a red boat", n=2, size="64x64",
+                                extra_body={"seed": 8, "steps": 2, "strength": 0.6})
+    assert len(edited.data) == 2
+    for item in edited.data:
+        assert png_text_chunks(base64.b64decode(item.b64_json))["size"] == (64, 64)
+    inpainted = client.images.edit(model="tiny-afa", image=("picture.png", picture, "image/png"),
+                                   mask=("mask.png", mask, "image/png"), prompt="a red boat",
+                                   extra_body={"seed": 8, "steps": 2,
+                                               "return_attention_maps": {"steps": "mean"}})
+    png = base64.b64decode(inpainted.data[0].b64_json)
+    assert png_text_chunks(png)["size"] == (96, 64), "the picture's own size"
+    for kwargs, field in ((dict(mask=("mask.png", make_png(8, 8, lambda x, y: (0, 0, 0, 0)),
+                                      "image/png")), "mask"),
+                          (dict(image=("picture.png", b"not a picture", "image/png")), "image")):
+        args = dict(model="tiny-afa", image=("picture.png", picture, "image/png"), prompt="a")
+        args.update(kwargs)
+        try:
+            client.images.edit(**args)
+        except openai.BadRequestError as e:
+            err = e.body.get("error", e.body) if isinstance(e.body, dict) else {}
+            assert err.get("param") == field, (field, e.body)
+        else:
+            raise AssertionError(f"no BadRequestError for a bad {field}")
+
+
 def main() -> None:
     base = sys.argv[1].rstrip("/")
     client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
@@ -136,6 +179,8 @@ def main() -> None:
             assert e.response.headers.get("x-request-id")
         else:
             raise AssertionError("no NotFoundError for an unknown model")
+
+    check_edits(client)
 
     print("openai conformance: ok (openai", openai.__version__ + ")")
 

@@ -181,7 +181,7 @@ mod tests {
     }
 
     /// The routes this API has; a new one must be added here and to the document.
-    const ROUTES: [(&str, &str); 19] = [
+    const ROUTES: [(&str, &str); 20] = [
         ("get", "/"),
         ("get", "/ui/{name}"),
         ("post", "/generate"),

@@ -141,6 +141,56 @@ fn field_value(name: &str, text: String) -> Result<Value, ApiError> {
     }
 }
 
+/// A nested field as the official client flattens objects and lists (`a[b]=1`, `a[c][]=2`):
+/// the value goes at that path under `base`; leaves that read as JSON numbers or booleans are
+/// those, others strings.
+fn insert_bracketed(
+    fields: &mut Map<String, Value>,
+    base: &str,
+    rest: &str,
+    text: String,
+) -> Result<(), ApiError> {
+    let bad = || ApiError::invalid(base, format!("malformed form field name '{base}[{rest}'"));
+    let inner = rest.strip_suffix(']').ok_or_else(bad)?;
+    let segments: Vec<&str> = inner.split("][").collect();
+    let leaf = match serde_json::from_str::<Value>(text.trim()) {
+        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
+        _ => Value::String(text),
+    };
+    let mut slot = fields
+        .entry(base.to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    for (k, segment) in segments.iter().enumerate() {
+        let last = k + 1 == segments.len();
+        if segment.is_empty() {
+            if !last {
+                return Err(bad());
+            }
+            if slot.as_object().is_some_and(Map::is_empty) {
+                *slot = Value::Array(Vec::new());
+            }
+            return match slot {
+                Value::Array(items) => {
+                    items.push(leaf);
+                    Ok(())
+                }
+                _ => Err(bad()),
+            };
+        }
+        let Value::Object(map) = slot else {
+            return Err(bad());
+        };
+        if last {
+            map.insert(segment.to_string(), leaf);
+            return Ok(());
+        }
+        slot = map
+            .entry(segment.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    Err(bad())
+}
+
 /// Reads the whole form: pictures into `Files`, text fields into a JSON object.
 async fn read_form(mut form: Multipart) -> Result<(Map<String, Value>, Files), ApiError> {
     let mut fields = Map::new();
@@ -174,11 +224,16 @@ async fn read_form(mut form: Multipart) -> Result<(Map<String, Value>, Files), A
                         format!("at most {MAX_TEXT_BYTES} bytes"),
                     ));
                 }
-                if fields.contains_key(&name) {
-                    return Err(ApiError::invalid(&name, "given more than once"));
+                match name.split_once('[') {
+                    Some((base, rest)) => insert_bracketed(&mut fields, base, rest, text)?,
+                    None if fields.contains_key(&name) => {
+                        return Err(ApiError::invalid(&name, "given more than once"));
+                    }
+                    None => {
+                        let value = field_value(&name, text)?;
+                        fields.insert(name, value);
+                    }
                 }
-                let value = field_value(&name, text)?;
-                fields.insert(name, value);
             }
         }
     }
@@ -303,6 +358,33 @@ mod tests {
             field_value("return_attention_maps", r#"{"steps": "mean"}"#.into()).unwrap(),
             serde_json::json!({"steps": "mean"})
         );
+        let mut fields = Map::new();
+        insert_bracketed(
+            &mut fields,
+            "return_attention_maps",
+            "steps]",
+            "mean".into(),
+        )
+        .unwrap();
+        insert_bracketed(
+            &mut fields,
+            "return_attention_maps",
+            "blocks][]",
+            "3".into(),
+        )
+        .unwrap();
+        insert_bracketed(
+            &mut fields,
+            "return_attention_maps",
+            "blocks][]",
+            "5".into(),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(fields.clone()),
+            serde_json::json!({"return_attention_maps": {"steps": "mean", "blocks": [3, 5]}})
+        );
+        assert!(insert_bracketed(&mut fields, "x", "a", "1".into()).is_err());
         for (name, text) in [
             ("n", "two"),
             ("stream", "yes"),
