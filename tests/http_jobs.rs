@@ -589,3 +589,39 @@ async fn the_quota_holds_on_every_route_and_retries_replay_first() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn init_images_are_stored_with_the_job_and_shown_by_digest() {
+    use base64::Engine as _;
+    let s = start_jobs(5, Duration::from_secs(3600), ApiConfig::default());
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::new_rgb8(64, 64)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let init = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
+    let body =
+        json!({"prompt": "a fox", "seed": 2, "steps": 3, "init_image": init, "strength": 0.5});
+    let r = submit(&s, body.clone(), None).await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = finished(&s, &id, None).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let params = &done["parameters"];
+    assert_eq!(params["strength"], 0.5);
+    assert_eq!(
+        (params["width"].as_u64(), params["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    assert!(
+        params.get("init_image").is_none(),
+        "the picture is not echoed: {params}"
+    );
+    assert_eq!(
+        params["init_image_sha256"],
+        afa::store::sha256_hex(init.as_bytes()),
+        "{params}"
+    );
+}
