@@ -41,6 +41,8 @@ pub struct ServeSettings {
     pub jobs: JobsConfig,
     /// Body limit of the routes that carry pictures.
     pub max_upload_bytes: usize,
+    /// A folder, or `s3://bucket[/prefix]` for artifacts shared by replicas; `None`: `data_dir`.
+    pub artifact_store: Option<String>,
 }
 
 /// Runs the server until a shutdown signal (or a failed model load, which is an error).
@@ -69,13 +71,27 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
     })
 }
 
+/// The artifact store: `--artifact-store` (a folder, or an `s3://` bucket shared by replicas,
+/// probed now) or the local data dir.
+fn open_artifacts(settings: &ServeSettings) -> anyhow::Result<Artifacts> {
+    match &settings.artifact_store {
+        Some(spec) => {
+            let artifacts = Artifacts::open_spec(spec)
+                .with_context(|| format!("opening the artifact store {spec}"))?;
+            eprintln!("afa serve: artifacts in {spec}");
+            Ok(artifacts)
+        }
+        None => Artifacts::open(&settings.data_dir)
+            .with_context(|| format!("opening the data dir {}", settings.data_dir.display())),
+    }
+}
+
 /// Opens, migrates and recovers the job store.
 async fn open_jobs(settings: &ServeSettings) -> anyhow::Result<Arc<JobService>> {
     let store = JobStore::open(&settings.database_url)
         .await
         .with_context(|| format!("opening the job database {}", settings.database_url))?;
-    let artifacts = Artifacts::open(&settings.data_dir)
-        .with_context(|| format!("opening the data dir {}", settings.data_dir.display()))?;
+    let artifacts = open_artifacts(settings)?;
     let r = store
         .recover(settings.jobs.max_attempts)
         .await

@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// `/generate/stream`, `/v1/jobs` with `init_image`, and `/v1/images/edits`).
     #[arg(long, env = "AFA_MAX_UPLOAD_BYTES", default_value_t = crate::api::DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
+    /// Where job images are stored: a local folder (default: the `--data-dir`) or an S3-compatible
+    /// bucket `s3://bucket[/prefix]` that every replica shares (endpoint, region and
+    /// credentials from the standard AWS_* environment variables).
+    #[arg(long, env = "AFA_ARTIFACT_STORE")]
+    pub artifact_store: Option<String>,
 }
 
 /// Turns flags into settings (checks ranges; does not touch the network or models).
@@ -137,6 +142,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             url_wait: Duration::from_secs(args.request_timeout_s),
         },
         max_upload_bytes: args.max_upload_bytes,
+        artifact_store: args.artifact_store.clone().filter(|s| !s.is_empty()),
     })
 }
 

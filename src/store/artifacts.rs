@@ -1,15 +1,22 @@
-//! Artifact files under the data dir: `jobs/<job id>/<index>.png` and `<index>.maps.json`.
-//! Files are written to a temporary name and renamed, so a crash never leaves a half file under
-//! a final name. Paths come from the store (never from a request) and are checked to stay
-//! inside the data dir before any read or delete.
+//! Artifact files: `jobs/<job id>/<index>.png` (or `.jpg`, `.webp`) and `<index>.maps.json`,
+//! under the data dir or, shared by every replica, in an S3-compatible bucket
+//! (`--artifact-store s3://bucket/prefix`, see `remote`). Local files are written to a
+//! temporary name and renamed, so a crash never leaves a half file under a final name (an
+//! object PUT is atomic). Paths come from the store (never from a request) and are checked to
+//! stay inside the data dir (or the prefix) before any read or delete. Reads check the SHA-256
+//! the row holds.
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
+use super::remote::Remote;
 use super::{ArtifactRow, StoreError, StoreResult, sha256_hex};
 
-/// The data dir.
+/// Where a server's artifacts live. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     root: PathBuf,
+    /// `Some` for an object store; `root` is then only a label.
+    remote: Option<Arc<Remote>>,
 }
 
 /// One file to write for a job.
@@ -38,11 +45,37 @@ fn safe_id(id: &str) -> bool {
 }
 
 impl Artifacts {
-    /// Uses (creating) `root`.
+    /// Uses (creating) the local folder `root`.
     pub fn open(root: impl Into<PathBuf>) -> StoreResult<Self> {
         let root = root.into();
         std::fs::create_dir_all(root.join("jobs")).map_err(io(&root))?;
-        Ok(Self { root })
+        Ok(Self { root, remote: None })
+    }
+
+    /// `spec` is an `s3://bucket[/prefix]` URL (configured from the AWS environment variables
+    /// and probed with one small object, so a missing bucket or wrong credentials fail here),
+    /// or a local folder. Blocking: call before serving or from a blocking thread.
+    pub fn open_spec(spec: &str) -> StoreResult<Self> {
+        Self::open_spec_with(spec, &[])
+    }
+
+    /// [`Artifacts::open_spec`] with object-store settings over the environment's (pairs like
+    /// `("aws_endpoint", "http://...")`; ignored for a local folder).
+    pub fn open_spec_with(spec: &str, settings: &[(&str, &str)]) -> StoreResult<Self> {
+        if !spec.starts_with("s3://") {
+            return Self::open(spec);
+        }
+        let remote = Remote::open(spec, settings)?;
+        remote.probe()?;
+        Ok(Self {
+            root: PathBuf::from(spec),
+            remote: Some(Arc::new(remote)),
+        })
+    }
+
+    /// Whether the artifacts are in an object store shared by replicas.
+    pub fn is_shared(&self) -> bool {
+        self.remote.is_some()
     }
 
     pub fn root(&self) -> &Path {
@@ -61,18 +94,27 @@ impl Artifacts {
     /// Writes `files` of `job_id` (blocking I/O: call from a blocking thread).
     pub fn write(&self, job_id: &str, files: &[ArtifactFile]) -> StoreResult<Vec<ArtifactRow>> {
         let dir = self.job_dir(job_id)?;
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        if self.remote.is_none() {
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
         files
             .iter()
             .map(|f| {
                 let name = match f.kind {
                     "maps" => format!("{}.maps.json", f.index),
+                    "jpeg" => format!("{}.jpg", f.index),
+                    "webp" => format!("{}.webp", f.index),
                     _ => format!("{}.png", f.index),
                 };
-                let path = dir.join(&name);
-                let tmp = dir.join(format!("{name}.tmp"));
-                std::fs::write(&tmp, &f.bytes).map_err(io(&tmp))?;
-                std::fs::rename(&tmp, &path).map_err(io(&path))?;
+                match &self.remote {
+                    Some(remote) => remote.put(&format!("jobs/{job_id}/{name}"), &f.bytes)?,
+                    None => {
+                        let path = dir.join(&name);
+                        let tmp = dir.join(format!("{name}.tmp"));
+                        std::fs::write(&tmp, &f.bytes).map_err(io(&tmp))?;
+                        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+                    }
+                }
                 Ok(ArtifactRow {
                     job_id: job_id.to_string(),
                     index: f.index,
@@ -97,15 +139,19 @@ impl Artifacts {
     /// Reads an artifact and checks its content hash (blocking I/O).
     pub fn read(&self, artifact: &ArtifactRow) -> StoreResult<Vec<u8>> {
         let path = self.resolve(&artifact.path)?;
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound(format!(
-                    "the file of {} image {} is gone (expired?)",
-                    artifact.job_id, artifact.index
-                )));
-            }
-            Err(e) => return Err(io(&path)(e)),
+        let gone = || {
+            StoreError::NotFound(format!(
+                "the file of {} image {} is gone (expired?)",
+                artifact.job_id, artifact.index
+            ))
+        };
+        let bytes = match &self.remote {
+            Some(remote) => remote.get(&artifact.path)?.ok_or_else(gone)?,
+            None => match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone()),
+                Err(e) => return Err(io(&path)(e)),
+            },
         };
         if sha256_hex(&bytes) != artifact.sha256 {
             return Err(StoreError::Corrupt(format!(
@@ -119,6 +165,9 @@ impl Artifacts {
     /// Removes the folder of `job_id` (missing is fine; blocking I/O).
     pub fn remove_job(&self, job_id: &str) -> StoreResult<()> {
         let dir = self.job_dir(job_id)?;
+        if let Some(remote) = &self.remote {
+            return remote.delete_under(&format!("jobs/{job_id}"));
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

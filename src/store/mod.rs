@@ -6,6 +6,7 @@
 mod artifacts;
 mod jobs;
 mod keys;
+mod remote;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -36,6 +37,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("random source: {0}")]
     Random(String),
+    /// The object store of the artifacts (unreachable, missing bucket, refused credentials).
+    #[error("artifact store {0}")]
+    Remote(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
