@@ -9,8 +9,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::schema::{
-    ErrorEnvelope, JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiProgressData,
-    ProgressData, QueuedData, event_stream_schema,
+    ErrorEnvelope, JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiPartialImageData,
+    OpenAiProgressData, PreviewData, ProgressData, QueuedData, event_stream_schema,
 };
 use super::{generate, jobs, ops, ui};
 
@@ -84,6 +84,8 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
         JobProgressData,
         OpenAiProgressData,
         OpenAiCompletedData,
+        OpenAiPartialImageData,
+        PreviewData,
         ),
     ),
     modifiers(&BearerAuth),

@@ -24,15 +24,20 @@ use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
 use super::error::ApiError;
 use super::job_codec::resolved_params;
+use super::media::{parse_output, preview_file};
 use super::middleware::Caller;
+use super::output::render_blocking;
 use super::request::{NativeRequest, Validated, validate};
 use super::schema::{
-    ErrorEnvelope, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData, JobView,
-    MapsBundle, PngFile,
+    ErrorEnvelope, ImageFile, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData,
+    JobView, MapsBundle, PngFile, PreviewData,
 };
 use super::stream::event;
 use crate::jobs::JobService;
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
+use crate::worker::{Encoding, ImageFormat};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -229,7 +234,7 @@ pub(super) async fn job_view(
     let mut images = Vec::new();
     if row.status == JobStatus::Succeeded {
         let artifacts = jobs.store.artifacts(&row.id).await.map_err(store_error)?;
-        for a in artifacts.iter().filter(|a| a.kind == "png") {
+        for a in artifacts.iter().filter(|a| image_format(&a.kind).is_some()) {
             let has_maps = artifacts
                 .iter()
                 .any(|m| m.kind == "maps" && m.index == a.index);
@@ -237,6 +242,10 @@ pub(super) async fn job_view(
                 index: a.index,
                 seed: row.seeds.get(a.index).copied(),
                 url: format!("/v1/jobs/{}/images/{}", row.id, a.index),
+                content_type: image_format(&a.kind)
+                    .unwrap_or_default()
+                    .content_type()
+                    .into(),
                 sha256: a.sha256.clone(),
                 bytes: a.bytes,
                 attention_maps_url: has_maps
@@ -295,12 +304,18 @@ pub async fn get(
     Ok(axum::Json(job_view(&state, service(&state)?, &row).await?))
 }
 
+/// The image format an artifact kind names (`png`, `jpeg`, `webp`); `None` for `maps`.
+fn image_format(kind: &str) -> Option<ImageFormat> {
+    ImageFormat::parse(kind)
+}
+
+/// The bytes and kind of artifact `k` of job `id` whose kind `is_kind` accepts.
 async fn artifact(
     state: &ApiState,
     caller: &Caller,
     (id, k): (&str, &str),
-    kind: &str,
-) -> Result<Vec<u8>, ApiError> {
+    (kind, is_kind): (&str, fn(&str) -> bool),
+) -> Result<(Vec<u8>, String), ApiError> {
     let row = owned_job(state, caller, id).await?;
     let jobs = service(state)?;
     let missing = || ApiError::NotFound(format!("job '{id}' has no {kind} {k}"));
@@ -314,20 +329,21 @@ async fn artifact(
     let artifacts = jobs.store.artifacts(id).await.map_err(store_error)?;
     let found = artifacts
         .into_iter()
-        .find(|a| a.index == index && a.kind == kind)
+        .find(|a| a.index == index && is_kind(&a.kind))
         .ok_or_else(missing)?;
     let files = jobs.artifacts.clone();
+    let found_kind = found.kind.clone();
     let read = tokio::task::spawn_blocking(move || files.read(&found))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     match read {
-        Ok(bytes) => Ok(bytes),
+        Ok(bytes) => Ok((bytes, found_kind)),
         Err(StoreError::NotFound(m)) => Err(ApiError::NotFound(m)),
         Err(e) => Err(store_error(e)),
     }
 }
 
-/// `GET /v1/jobs/{id}/images/{k}`: the PNG.
+/// `GET /v1/jobs/{id}/images/{k}`: the image file, in the job's `output_format`.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/images/{k}",
@@ -335,7 +351,11 @@ async fn artifact(
     operation_id = "get_job_image",
     params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
     responses(
-        (status = 200, description = "The PNG", content_type = "image/png", body = PngFile),
+        (status = 200, description = "The image, in the job's output_format", content(
+            (PngFile = "image/png"),
+            (ImageFile = "image/jpeg"),
+            (ImageFile = "image/webp"),
+        )),
         (status = 400, response = BadPath),
         (status = 401, response = Unauthorized),
         (status = 404, response = JobNotFound),
@@ -348,8 +368,10 @@ pub async fn image(
     Extension(caller): Extension<Caller>,
     ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let bytes = artifact(&state, &caller, (&id, &k), "png").await?;
-    Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
+    let is_image: fn(&str) -> bool = |kind| image_format(kind).is_some();
+    let (bytes, kind) = artifact(&state, &caller, (&id, &k), ("image", is_image)).await?;
+    let format = image_format(&kind).unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
 }
 
 /// `GET /v1/jobs/{id}/images/{k}/maps`: the attention-map bundle (JSON).
@@ -373,7 +395,8 @@ pub async fn maps(
     Extension(caller): Extension<Caller>,
     ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let bytes = artifact(&state, &caller, (&id, &k), "maps").await?;
+    let is_maps: fn(&str) -> bool = |kind| kind == "maps";
+    let (bytes, _) = artifact(&state, &caller, (&id, &k), ("maps", is_maps)).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
@@ -421,9 +444,52 @@ struct Follow {
     id: String,
     last: Option<(Option<usize>, usize)>,
     done: bool,
+    /// The `seq` of the last preview sent, and how many went out per image.
+    preview_seq: usize,
+    previews_sent: Vec<usize>,
+    /// The job's image format (previews come in it too).
+    encoding: Encoding,
 }
 
 impl Follow {
+    /// A `preview` event when the job has a preview this stream has not sent.
+    async fn preview_events(&mut self) -> Vec<Event> {
+        let Some(p) = self
+            .jobs
+            .live(&self.id)
+            .and_then(|l| l.preview)
+            .filter(|p| p.seq > self.preview_seq)
+        else {
+            return vec![];
+        };
+        self.preview_seq = p.seq;
+        if self.previews_sent.len() <= p.index {
+            self.previews_sent.resize(p.index + 1, 0);
+        }
+        let partial_image_index = self.previews_sent[p.index];
+        self.previews_sent[p.index] += 1;
+        let encoding = self.encoding;
+        let raster = p.raster.clone();
+        let file = match render_blocking(move || preview_file(&raster, encoding)).await {
+            Ok(f) => B64.encode(f),
+            Err(e) => {
+                tracing::error!("{e:?}");
+                return vec![];
+            }
+        };
+        let png = encoding.format == ImageFormat::Png;
+        let data = PreviewData {
+            index: p.index,
+            partial_image_index,
+            step: p.step,
+            total: p.total,
+            output_format: encoding.format.as_str().into(),
+            png_base64: png.then(|| file.clone()),
+            image_base64: (!png).then_some(file),
+        };
+        vec![event("preview", &json!(data))]
+    }
+
     /// The events since the last call; sets `done` at the end of the job.
     async fn next_events(&mut self) -> Vec<Event> {
         let row = match self.jobs.store.job(&self.id).await {
@@ -456,10 +522,10 @@ impl Follow {
         let position = view.queue_position;
         let step = view.progress.as_ref().map_or(0, |p| p.step);
         if self.last == Some((position, step)) {
-            return vec![];
+            return self.preview_events().await;
         }
         self.last = Some((position, step));
-        match (row.status, position) {
+        let mut events = match (row.status, position) {
             (JobStatus::Queued, p) | (JobStatus::Running, p @ Some(_)) => {
                 let data = JobQueuedData {
                     status: row.status.as_str().into(),
@@ -475,7 +541,9 @@ impl Follow {
                 };
                 vec![event("progress", &json!(data))]
             }
-        }
+        };
+        events.extend(self.preview_events().await);
+        events
     }
 
     /// Waits for news: a live update, or a tenth of a second.
@@ -493,7 +561,7 @@ impl Follow {
     }
 }
 
-/// `GET /v1/jobs/{id}/events`: `queued` and `progress` events, then `result` (the job view)
+/// `GET /v1/jobs/{id}/events`: `queued`, `progress` and `preview` (`partial_images`) events, then `result` (the job view)
 /// or `error`, with keep-alive comments.
 #[utoipa::path(
     get,
@@ -517,12 +585,24 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let keep_alive = state.config.keep_alive;
+    // Stored parameters were validated when the job was made.
+    let p = &row.params;
+    let encoding = parse_output(
+        p["output_format"].as_str(),
+        p["output_compression"].as_u64(),
+        None,
+    )
+    .map(|o| o.encoding)
+    .unwrap_or_default();
     let follow = Follow {
         jobs: service(&state)?.clone(),
         state,
         id: row.id,
         last: None,
         done: false,
+        preview_seq: 0,
+        previews_sent: Vec::new(),
+        encoding,
     };
     let events = stream::unfold((follow, true), |(mut f, first)| async move {
         if f.done {

@@ -11,6 +11,7 @@ pub mod error;
 mod generate;
 mod job_codec;
 mod jobs;
+pub mod media;
 pub mod middleware;
 pub mod openai;
 mod ops;
@@ -18,6 +19,7 @@ pub mod output;
 pub mod quota;
 pub mod request;
 pub mod schema;
+mod schema_events;
 mod stream;
 mod ui;
 

@@ -42,10 +42,12 @@ pub struct OpenAiImageRequest {
     pub style: Option<String>,
     /// Recorded in the log line of the request.
     pub user: Option<String>,
+    /// `png` (default), `jpeg` or `webp` (lossless), the A1111 parameters in each file's
+    /// metadata.
     #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
-    /// 0-100, for lossy formats; PNG (the only format served) is lossless, so a warning says it
-    /// has no effect.
+    /// 0-100: the JPEG quality (100, the default, is the best); PNG and WebP are lossless here,
+    /// so for them a value below 100 only earns a warning.
     #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u64>,
     /// `auto` or `opaque` (SD 1.5 images are opaque); `transparent` is refused.
@@ -58,10 +60,12 @@ pub struct OpenAiImageRequest {
     /// line.
     #[schema(max_length = 256)]
     pub safety_identifier: Option<String>,
-    /// Preview images while streaming: 0 only for now (more is refused by name).
-    #[schema(minimum = 0, maximum = 0)]
+    /// 0-3 previews per image while streaming (`image_generation.partial_image` events: the
+    /// predicted clean image at evenly spaced steps); needs `stream: true`.
+    #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u64>,
-    /// Server-Sent Events (`image_generation.progress`, `image_generation.completed`).
+    /// Server-Sent Events (`image_generation.progress`, `image_generation.partial_image`,
+    /// `image_generation.completed`).
     pub stream: Option<bool>,
     pub seed: Option<u64>,
     #[schema(max_length = 16384)]
@@ -108,12 +112,10 @@ pub fn quality_steps(quality: &str, default_steps: usize, max_steps: usize) -> u
     steps.clamp(1, max_steps.max(1))
 }
 
-/// `background`, `moderation`, `output_compression`, `partial_images`: honoured where this
-/// model family can, accepted with their meaning here, or refused by name.
-fn check_official_options(
-    req: &OpenAiImageRequest,
-    warnings: &mut Vec<String>,
-) -> Result<(), ApiError> {
+/// `background`, `moderation`, `partial_images` (its range and `output_format`/
+/// `output_compression` are the native request's): honoured where this model family can,
+/// accepted with their meaning here, or refused by name.
+fn check_official_options(req: &OpenAiImageRequest) -> Result<(), ApiError> {
     match req.background.as_deref() {
         None | Some("auto" | "opaque") => {}
         Some("transparent") => {
@@ -139,36 +141,13 @@ fn check_official_options(
             format!("unknown moderation '{m}' (auto or low)"),
         ));
     }
-    match req.output_compression {
-        Some(c) if c > 100 => {
-            return Err(ApiError::invalid(
-                "output_compression",
-                format!("output_compression must be 0..=100, got {c}"),
-            ));
-        }
-        Some(c) if c < 100 => warnings.push(format!(
-            "output_compression {c} has no effect: PNG is lossless"
-        )),
-        _ => {}
-    }
     match req.partial_images {
-        None | Some(0) => {}
-        Some(n) if n <= 3 => {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!(
-                    "partial_images {n}: preview images are not produced yet; stream without them (0) for progress events and the final image"
-                ),
-            ));
-        }
-        Some(n) => {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!("partial_images must be 0..=3, got {n}"),
-            ));
-        }
+        Some(n) if n > 0 && req.stream != Some(true) => Err(ApiError::invalid(
+            "partial_images",
+            format!("partial_images {n} sends previews as stream events: it needs stream: true"),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Converts an OpenAI request into the native one. Validation of shared fields happens later,
@@ -191,7 +170,7 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         ));
     }
     let mut warnings = Vec::new();
-    check_official_options(&req, &mut warnings)?;
+    check_official_options(&req)?;
     if let Some(q) = req.quality.as_deref() {
         if !QUALITIES.contains(&q) {
             return Err(ApiError::invalid(
@@ -229,6 +208,8 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         ensemble_mode: req.ensemble_mode,
         return_attention_maps: req.return_attention_maps,
         output_format: req.output_format,
+        output_compression: req.output_compression,
+        partial_images: req.partial_images,
         stream: None,
     };
     let options = OpenAiOptions {
@@ -326,9 +307,8 @@ mod tests {
             ("background", json!("transparent")),
             ("background", json!("sepia")),
             ("moderation", json!("strict")),
-            ("output_compression", json!(101)),
+            // Previews are stream events: without stream they would be dropped.
             ("partial_images", json!(2)),
-            ("partial_images", json!(4)),
         ] {
             let mut body = json!({"prompt": "a"});
             body[field] = value.clone();
@@ -341,12 +321,15 @@ mod tests {
         .unwrap();
         assert!(o.warnings.is_empty(), "{:?}", o.warnings);
         assert_eq!(o.safety_identifier.as_deref(), Some("user-7"));
-        let (_, o) = to_native(parse(json!({"prompt": "a", "output_compression": 80}))).unwrap();
-        assert!(
-            o.warnings[0].contains("output_compression 80"),
-            "{:?}",
-            o.warnings
-        );
+        let (n, o) = to_native(parse(
+            json!({"prompt": "a", "stream": true, "partial_images": 2,
+            "output_format": "jpeg", "output_compression": 80}),
+        ))
+        .unwrap();
+        assert!(o.stream && o.warnings.is_empty(), "{:?}", o.warnings);
+        assert_eq!(n.partial_images, Some(2));
+        assert_eq!(n.output_format.as_deref(), Some("jpeg"));
+        assert_eq!(n.output_compression, Some(80));
         assert_eq!(err(json!({"prompt": "a", "style": "weird"})), "style");
         let (_, o) = to_native(parse(
             json!({"prompt": "a", "quality": "hd", "style": "vivid"}),

@@ -6,6 +6,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
+use super::media::{OutputOptions, parse_output};
 #[allow(unused_imports)]
 use super::schema::{MapsOption, OutputFormat, SchedulerName};
 use crate::config::parse_size;
@@ -53,9 +54,19 @@ pub struct NativeRequest {
     /// false | true | {"steps": "mean"|"all", "blocks": [points], "format": "png"|"f32"|"f16"|[...]}
     #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
-    /// Only "png".
+    /// `png` (default, A1111 `parameters` text chunk), `jpeg` or `webp` (lossless); JPEG and
+    /// WebP carry the same text as an EXIF UserComment.
     #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
+    /// 0-100: the JPEG quality (100, the default, is the best); no effect on PNG and WebP
+    /// (both lossless here; a warning says so).
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u64>,
+    /// 0-3 previews per image while denoising (the predicted clean image at evenly spaced
+    /// steps, decoded with the VAE), as `preview` events: needs `stream` on `/generate`; on
+    /// `/v1/jobs` they come on `GET /v1/jobs/{id}/events`.
+    #[schema(minimum = 0, maximum = 3)]
+    pub partial_images: Option<u64>,
     /// Answer with Server-Sent Events (progress, then the result); refused by `/v1/jobs`.
     pub stream: Option<bool>,
 }
@@ -91,6 +102,10 @@ pub struct NativeQuery {
     pub return_attention_maps: Option<bool>,
     #[param(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
+    #[param(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u64>,
+    #[param(minimum = 0, maximum = 3)]
+    pub partial_images: Option<u64>,
     pub stream: Option<bool>,
 }
 
@@ -111,6 +126,8 @@ impl From<NativeQuery> for NativeRequest {
             ensemble_mode: q.ensemble_mode,
             return_attention_maps: q.return_attention_maps.map(Value::Bool),
             output_format: q.output_format,
+            output_compression: q.output_compression,
+            partial_images: q.partial_images,
             stream: q.stream,
         }
     }
@@ -132,6 +149,8 @@ pub struct Validated {
     /// `None` when maps were not asked for.
     pub maps: Option<MapsOutput>,
     pub stream: bool,
+    /// The file format of the images and previews (`job.partial_images` counts the previews).
+    pub output: OutputOptions,
 }
 
 /// Checks `req` against `catalog`; `drawn_seed` is used when the request has no seed and
@@ -164,12 +183,11 @@ pub fn validate(
     let guidance = req.guidance_scale.unwrap_or(entry.default_guidance);
     let scheduler = parse_scheduler(req.scheduler.as_deref(), entry)?;
     let mode = parse_mode(req.ensemble_mode.as_deref(), entry)?;
-    if let Some(f) = req.output_format.as_deref().filter(|f| *f != "png") {
-        return Err(ApiError::invalid(
-            "output_format",
-            format!("output_format '{f}' is not supported; only 'png'"),
-        ));
-    }
+    let output = parse_output(
+        req.output_format.as_deref(),
+        req.output_compression,
+        req.partial_images,
+    )?;
     let (attention_maps, maps) = parse_maps(req.return_attention_maps.as_ref(), entry)?;
     if maps.is_some() && !mode_has_maps(&mode) {
         return Err(ApiError::invalid(
@@ -197,6 +215,7 @@ pub fn validate(
         steps: usize::try_from(steps).unwrap_or(usize::MAX),
         scheduler,
         attention_maps,
+        partial_images: output.partial_images,
     };
     // The rules every job obeys (sizes, pixel budget, steps, guidance, prompt lengths, modes,
     // served sizes) live in one place, the worker's validation, used by every entry point.
@@ -238,6 +257,7 @@ pub fn validate(
         guidance_scale: guidance,
         maps,
         stream: req.stream.unwrap_or(false),
+        output,
     })
 }
 
@@ -569,9 +589,19 @@ mod tests {
             ),
             (json!({"prompt": "a", "model": "nope"}), 404, "model"),
             (
-                json!({"prompt": "a", "output_format": "webp"}),
+                json!({"prompt": "a", "output_format": "gif"}),
                 400,
                 "output_format",
+            ),
+            (
+                json!({"prompt": "a", "output_compression": 101}),
+                400,
+                "output_compression",
+            ),
+            (
+                json!({"prompt": "a", "partial_images": 4}),
+                400,
+                "partial_images",
             ),
             (
                 json!({"prompt": "a", "return_attention_maps": 3}),

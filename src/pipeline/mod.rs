@@ -1,14 +1,18 @@
 //! Synchronous text -> image for one homogeneous batch: validated parameters, per-image seeded
 //! noise, classifier-free guidance batched as [uncond; cond], the sampler loop, VAE decode,
-//! and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
+//! PNG encoding with A1111-style metadata (JPEG/WebP in `encode.rs`), and partial-image previews
+//! (`preview.rs`). Knows nothing of HTTP or async code.
 mod denoiser;
+pub mod encode;
 mod generate;
 pub mod maps;
 pub mod noise;
 mod params;
 pub mod png;
+pub mod preview;
 
 pub use denoiser::{DenoiseStep, Denoiser, SingleUNet};
+pub use encode::{Encoding, ImageFormat, Raster};
 pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings, to_rgb8};
 pub use maps::CollectedMaps;
 pub use noise::{BatchNoise, ImageRng};

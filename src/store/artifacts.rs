@@ -1,4 +1,5 @@
-//! Artifact files under the data dir: `jobs/<job id>/<index>.png` and `<index>.maps.json`.
+//! Artifact files under the data dir: `jobs/<job id>/<index>.png` (or `.jpg`, `.webp`) and
+//! `<index>.maps.json`.
 //! Files are written to a temporary name and renamed, so a crash never leaves a half file under
 //! a final name. Paths come from the store (never from a request) and are checked to stay
 //! inside the data dir before any read or delete.
@@ -16,7 +17,7 @@ pub struct Artifacts {
 #[derive(Debug, Clone)]
 pub struct ArtifactFile {
     pub index: usize,
-    /// `png` or `maps`.
+    /// `png`, `jpeg`, `webp` (the image) or `maps`.
     pub kind: &'static str,
     pub bytes: Vec<u8>,
 }
@@ -67,6 +68,8 @@ impl Artifacts {
             .map(|f| {
                 let name = match f.kind {
                     "maps" => format!("{}.maps.json", f.index),
+                    "jpeg" => format!("{}.jpg", f.index),
+                    "webp" => format!("{}.webp", f.index),
                     _ => format!("{}.png", f.index),
                 };
                 let path = dir.join(&name);

@@ -11,7 +11,10 @@ pub mod queue;
 /// HTTP layer names them through the worker.
 pub use crate::ensemble::EnsembleMode;
 pub use crate::pipeline::maps::{heatmap_scale, legend_text};
-pub use crate::pipeline::{ImageSpec, Limits, MapPoints, MapsRequest};
+pub use crate::pipeline::preview::MAX_PARTIAL_IMAGES;
+pub use crate::pipeline::{
+    Encoding, ImageFormat, ImageSpec, Limits, MapPoints, MapsRequest, Raster,
+};
 pub use crate::schedulers::SchedulerKind;
 pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,

@@ -54,6 +54,7 @@ pub fn job(prompt: &str, n: usize, seed: u64) -> GenerationJob {
         steps: 4,
         scheduler: SchedulerKind::Ddim,
         attention_maps: MapsRequest::Off,
+        partial_images: 0,
     }
 }
 
