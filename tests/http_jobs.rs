@@ -362,6 +362,27 @@ async fn openai_url_format_links_the_stored_images() {
         assert_eq!((w, h), (8, 8));
         assert_eq!(d["seed"], 8 + k as u64);
     }
+    // The links serve the asked format, and the answer says which.
+    let v: Value = client()
+        .post(s.server.url("/v1/images/generations"))
+        .json(
+            &json!({"prompt": "a", "response_format": "url", "seed": 8, "steps": 2,
+            "output_format": "webp"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["output_format"], "webp", "{v}");
+    let r = client()
+        .get(v["data"][0]["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    assert_eq!(&r.bytes().await.unwrap()[8..12], b"WEBP");
 }
 
 #[tokio::test]
