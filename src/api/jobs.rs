@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use serde_json::json;
@@ -24,25 +24,20 @@ use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
 use super::error::ApiError;
 use super::job_codec::resolved_params;
-use super::media::{parse_output, preview_file};
+use super::job_follow::Follow;
 use super::middleware::Caller;
-use super::output::render_blocking;
 use super::request::{NativeRequest, Validated, validate};
 use super::schema::{
-    ErrorEnvelope, ImageFile, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData,
-    JobView, MapsBundle, PngFile, PreviewData,
+    ErrorEnvelope, ImageFile, JobErrorInfo, JobImage, JobProgress, JobView, MapsBundle, PngFile,
 };
-use super::stream::event;
 use crate::jobs::JobService;
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
-use crate::worker::{Encoding, ImageFormat};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
+use crate::worker::ImageFormat;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-fn store_error(e: StoreError) -> ApiError {
+pub(super) fn store_error(e: StoreError) -> ApiError {
     ApiError::Internal(format!("job store: {e}"))
 }
 
@@ -53,7 +48,7 @@ fn service(state: &ApiState) -> Result<&Arc<JobService>, ApiError> {
         .ok_or_else(|| ApiError::RouteNotFound("/v1/jobs (this server runs no job store)".into()))
 }
 
-fn unknown_job(id: &str) -> ApiError {
+pub(super) fn unknown_job(id: &str) -> ApiError {
     ApiError::NotFound(format!("no job '{id}'"))
 }
 
@@ -438,131 +433,8 @@ pub async fn cancel(
     Ok(axum::Json(job_view(&state, jobs, &row).await?))
 }
 
-struct Follow {
-    state: ApiState,
-    jobs: Arc<JobService>,
-    id: String,
-    last: Option<(Option<usize>, usize)>,
-    done: bool,
-    /// The `seq` of the last preview sent, and how many went out per image.
-    preview_seq: usize,
-    previews_sent: Vec<usize>,
-    /// The job's image format (previews come in it too).
-    encoding: Encoding,
-}
-
-impl Follow {
-    /// A `preview` event when the job has a preview this stream has not sent.
-    async fn preview_events(&mut self) -> Vec<Event> {
-        let Some(p) = self
-            .jobs
-            .live(&self.id)
-            .and_then(|l| l.preview)
-            .filter(|p| p.seq > self.preview_seq)
-        else {
-            return vec![];
-        };
-        self.preview_seq = p.seq;
-        if self.previews_sent.len() <= p.index {
-            self.previews_sent.resize(p.index + 1, 0);
-        }
-        let partial_image_index = self.previews_sent[p.index];
-        self.previews_sent[p.index] += 1;
-        let encoding = self.encoding;
-        let raster = p.raster.clone();
-        let file = match render_blocking(move || preview_file(&raster, encoding)).await {
-            Ok(f) => B64.encode(f),
-            Err(e) => {
-                tracing::error!("{e:?}");
-                return vec![];
-            }
-        };
-        let png = encoding.format == ImageFormat::Png;
-        let data = PreviewData {
-            index: p.index,
-            partial_image_index,
-            step: p.step,
-            total: p.total,
-            output_format: encoding.format.as_str().into(),
-            png_base64: png.then(|| file.clone()),
-            image_base64: (!png).then_some(file),
-        };
-        vec![event("preview", &json!(data))]
-    }
-
-    /// The events since the last call; sets `done` at the end of the job.
-    async fn next_events(&mut self) -> Vec<Event> {
-        let row = match self.jobs.store.job(&self.id).await {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                self.done = true;
-                return vec![event("error", &unknown_job(&self.id).body())];
-            }
-            Err(e) => {
-                self.done = true;
-                return vec![event("error", &store_error(e).body())];
-            }
-        };
-        let view = match job_view(&self.state, &self.jobs, &row).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.done = true;
-                return vec![event("error", &e.body())];
-            }
-        };
-        if row.status.is_terminal() {
-            self.done = true;
-            let name = if row.status == JobStatus::Succeeded {
-                "result"
-            } else {
-                "error"
-            };
-            return vec![event(name, &json!(view))];
-        }
-        let position = view.queue_position;
-        let step = view.progress.as_ref().map_or(0, |p| p.step);
-        if self.last == Some((position, step)) {
-            return self.preview_events().await;
-        }
-        self.last = Some((position, step));
-        let mut events = match (row.status, position) {
-            (JobStatus::Queued, p) | (JobStatus::Running, p @ Some(_)) => {
-                let data = JobQueuedData {
-                    status: row.status.as_str().into(),
-                    position: p,
-                };
-                vec![event("queued", &json!(data))]
-            }
-            _ => {
-                let data = JobProgressData {
-                    status: "running".into(),
-                    step,
-                    total: view.progress.as_ref().map(|p| p.total),
-                };
-                vec![event("progress", &json!(data))]
-            }
-        };
-        events.extend(self.preview_events().await);
-        events
-    }
-
-    /// Waits for news: a live update, or a tenth of a second.
-    async fn wait(&self) {
-        let pause = tokio::time::sleep(Duration::from_millis(100));
-        match self.jobs.subscribe(&self.id) {
-            Some(mut rx) => {
-                tokio::select! {
-                    _ = rx.changed() => {}
-                    _ = pause => {}
-                }
-            }
-            None => pause.await,
-        }
-    }
-}
-
-/// `GET /v1/jobs/{id}/events`: `queued`, `progress` and `preview` (`partial_images`) events, then `result` (the job view)
-/// or `error`, with keep-alive comments.
+/// `GET /v1/jobs/{id}/events`: `queued`, `progress` and `preview` (`partial_images`) events,
+/// then `result` (the job view) or `error`, with keep-alive comments (see `job_follow.rs`).
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -585,25 +457,7 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let keep_alive = state.config.keep_alive;
-    // Stored parameters were validated when the job was made.
-    let p = &row.params;
-    let encoding = parse_output(
-        p["output_format"].as_str(),
-        p["output_compression"].as_u64(),
-        None,
-    )
-    .map(|o| o.encoding)
-    .unwrap_or_default();
-    let follow = Follow {
-        jobs: service(&state)?.clone(),
-        state,
-        id: row.id,
-        last: None,
-        done: false,
-        preview_seq: 0,
-        previews_sent: Vec::new(),
-        encoding,
-    };
+    let follow = Follow::new(state.clone(), service(&state)?.clone(), &row);
     let events = stream::unfold((follow, true), |(mut f, first)| async move {
         if f.done {
             return None;
