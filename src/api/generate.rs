@@ -282,8 +282,12 @@ async fn run_native(
         && validated.job.images.len() == 1
         && validated.maps.is_none()
     {
-        let image = output.images[0].clone();
-        let bytes = render_blocking(move || image_file(&image, encoding)).await?;
+        let bytes = if encoding.format == ImageFormat::Png {
+            output.images[0].png.clone()
+        } else {
+            let image = output.images[0].clone();
+            render_blocking(move || Ok(image_file(&image, encoding)?.into_owned())).await?
+        };
         return Ok(file_response(&output, encoding.format, bytes));
     }
     let body = render_blocking(move || native_json(&output, &validated, &id.0, &[])).await?;

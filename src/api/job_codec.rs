@@ -82,7 +82,9 @@ fn artifact_files(
         files.push(ArtifactFile {
             index,
             kind: encoding.format.as_str(),
-            bytes: image_file(img, encoding).map_err(|e| e.to_string())?,
+            bytes: image_file(img, encoding)
+                .map_err(|e| e.to_string())?
+                .into_owned(),
         });
         if let (Some(opts), Some(m)) = (maps, &img.attention_maps) {
             let rendered = render_maps(m, opts, &legend).map_err(|e| e.to_string())?;

@@ -4,6 +4,8 @@
 //! while streaming), validated into an [`OutputOptions`]; and the encoding of finished images
 //! and previews in the asked format, which runs on the encode stage (`render_blocking`) or a
 //! blocking thread, never on the executor.
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
@@ -80,10 +82,12 @@ fn encode_failed(e: impl std::fmt::Display) -> ApiError {
 
 /// The file of a finished image in `encoding`: the executor's PNG as it is, or the other
 /// formats encoded from its pixels (CPU work: call it on the encode stage).
-pub fn image_file(img: &ImageResult, encoding: Encoding) -> Result<Vec<u8>, ApiError> {
+pub fn image_file(img: &ImageResult, encoding: Encoding) -> Result<Cow<'_, [u8]>, ApiError> {
     match encoding.format {
-        ImageFormat::Png => Ok(img.png.clone()),
-        _ => img.raster.encode(encoding).map_err(encode_failed),
+        ImageFormat::Png => Ok(Cow::Borrowed(&img.png)),
+        _ => Ok(Cow::Owned(
+            img.raster.encode(encoding).map_err(encode_failed)?,
+        )),
     }
 }
 
