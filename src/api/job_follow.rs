@@ -11,13 +11,13 @@ use serde_json::json;
 
 use super::ApiState;
 use super::jobs::{job_view, store_error, unknown_job};
-use super::media::{parse_output, preview_file};
+use super::media::{parse_output, preview_data, preview_file};
 use super::output::render_blocking;
-use super::schema::{JobProgressData, JobQueuedData, PreviewData};
+use super::schema::{JobProgressData, JobQueuedData};
 use super::stream::event;
 use crate::jobs::JobService;
 use crate::store::{JobRow, JobStatus};
-use crate::worker::{Encoding, ImageFormat};
+use crate::worker::Encoding;
 
 pub(super) struct Follow {
     state: ApiState,
@@ -81,16 +81,12 @@ impl Follow {
                 return vec![];
             }
         };
-        let png = encoding.format == ImageFormat::Png;
-        let data = PreviewData {
-            index: p.index,
-            partial_image_index,
-            step: p.step,
-            total: p.total,
-            output_format: encoding.format.as_str().into(),
-            png_base64: png.then(|| file.clone()),
-            image_base64: (!png).then_some(file),
-        };
+        let data = preview_data(
+            (p.index, partial_image_index),
+            (p.step, p.total),
+            encoding.format,
+            file,
+        );
         vec![event("preview", &json!(data))]
     }
 

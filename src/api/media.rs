@@ -10,6 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use super::error::ApiError;
+use super::schema::PreviewData;
 use crate::worker::{Encoding, ImageFormat, ImageResult, MAX_PARTIAL_IMAGES, Raster};
 
 /// What a request asked about its files and previews.
@@ -94,6 +95,26 @@ pub fn image_file(img: &ImageResult, encoding: Encoding) -> Result<Cow<'_, [u8]>
 /// A preview's file in `encoding` (CPU work: call it on the encode stage).
 pub fn preview_file(raster: &Raster, encoding: Encoding) -> Result<Vec<u8>, ApiError> {
     raster.encode(encoding).map_err(encode_failed)
+}
+
+/// The `preview` event's data of the native and job streams: image `index`'s
+/// `partial_image_index`-th preview, after `step` of `total`, `b64` its file in `format`.
+pub fn preview_data(
+    (index, partial_image_index): (usize, usize),
+    (step, total): (usize, usize),
+    format: ImageFormat,
+    b64: String,
+) -> PreviewData {
+    let png = format == ImageFormat::Png;
+    PreviewData {
+        index,
+        partial_image_index,
+        step,
+        total,
+        output_format: format.as_str().into(),
+        png_base64: png.then(|| b64.clone()),
+        image_base64: (!png).then_some(b64),
+    }
 }
 
 /// `image_file` in base64.

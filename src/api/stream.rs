@@ -19,16 +19,15 @@ use serde_json::{Value, json};
 use super::ApiState;
 use super::error::ApiError;
 use super::generate::{Admitted, DisconnectGuard, record_timings};
-use super::media::{image_base64, preview_file};
+use super::media::{image_base64, preview_data, preview_file};
 use super::output::render_blocking;
 use super::output::{native_json, unix_now};
 use super::quota::QuotaGuard;
 use super::request::Validated;
 use super::schema::{
-    OpenAiCompletedData, OpenAiPartialImageData, OpenAiProgressData, PreviewData, ProgressData,
-    QueuedData,
+    OpenAiCompletedData, OpenAiPartialImageData, OpenAiProgressData, ProgressData, QueuedData,
 };
-use crate::worker::{ImageFormat, JobEvent, JobOutput, JobTicket, Raster};
+use crate::worker::{JobEvent, JobOutput, JobTicket, Raster};
 
 /// Which event vocabulary to speak.
 pub enum Flavor {
@@ -176,16 +175,7 @@ async fn preview_event(
     let format = encoding.format;
     match &run.flavor {
         Flavor::Native { .. } => {
-            let png = format == ImageFormat::Png;
-            let data = PreviewData {
-                index,
-                partial_image_index,
-                step,
-                total,
-                output_format: format.as_str().into(),
-                png_base64: png.then(|| file.clone()),
-                image_base64: (!png).then_some(file),
-            };
+            let data = preview_data((index, partial_image_index), (step, total), format, file);
             vec![event("preview", &json!(data))]
         }
         Flavor::OpenAi { quality, .. } => {
