@@ -243,7 +243,25 @@ fn cases() -> Vec<Case> {
         ),
         native(
             "output format",
-            j(json!({"prompt": "a", "output_format": "webp"})),
+            j(json!({"prompt": "a", "output_format": "gif"})),
+            400,
+            Some("output_format"),
+        ),
+        native(
+            "output compression out of range",
+            j(json!({"prompt": "a", "output_compression": 101})),
+            400,
+            Some("output_compression"),
+        ),
+        native(
+            "previews without a stream",
+            j(json!({"prompt": "a", "partial_images": 2})),
+            400,
+            Some("partial_images"),
+        ),
+        native(
+            "output format of a wrong type",
+            j(json!({"prompt": "a", "output_format": 3})),
             400,
             Some("output_format"),
         ),

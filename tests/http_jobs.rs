@@ -362,6 +362,27 @@ async fn openai_url_format_links_the_stored_images() {
         assert_eq!((w, h), (8, 8));
         assert_eq!(d["seed"], 8 + k as u64);
     }
+    // The links serve the asked format, and the answer says which.
+    let v: Value = client()
+        .post(s.server.url("/v1/images/generations"))
+        .json(
+            &json!({"prompt": "a", "response_format": "url", "seed": 8, "steps": 2,
+            "output_format": "webp"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["output_format"], "webp", "{v}");
+    let r = client()
+        .get(v["data"][0]["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    assert_eq!(&r.bytes().await.unwrap()[8..12], b"WEBP");
 }
 
 #[tokio::test]
@@ -624,4 +645,64 @@ async fn init_images_are_stored_with_the_job_and_shown_by_digest() {
         afa::store::sha256_hex(init.as_bytes()),
         "{params}"
     );
+}
+
+#[tokio::test]
+async fn jobs_keep_their_format_and_stream_previews() {
+    let s = start_jobs(30, Duration::from_secs(3600), ApiConfig::default());
+    let body = json!({"prompt": "p", "steps": 6, "seed": 2, "n": 2, "output_format": "jpeg",
+        "output_compression": 70, "partial_images": 2});
+    let v: Value = submit(&s, body, None).await.json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    let text = tokio::time::timeout(
+        Duration::from_secs(30),
+        get(&s, &format!("/v1/jobs/{id}/events"), None).await.text(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let events = parse_sse(&text);
+    let previews: Vec<Value> = events
+        .iter()
+        .filter(|e| e.event == "preview")
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    // Two per image were made (after steps 2 and 4); the stream sends the newest it sees.
+    assert!(!previews.is_empty() && previews.len() <= 4, "{text}");
+    for p in &previews {
+        assert_eq!(p["output_format"], "jpeg");
+        let jpeg = base64_decode(&p["image_base64"]);
+        assert_eq!(&jpeg[..2], &[0xFF, 0xD8], "{p}");
+        assert!([2, 4].contains(&p["step"].as_u64().unwrap()), "{p}");
+    }
+    let view = finished(&s, &id, None).await;
+    assert_eq!(view["status"], "succeeded");
+    assert_eq!(view["parameters"]["output_format"], "jpeg");
+    assert_eq!(view["parameters"]["partial_images"], 2);
+    for img in view["images"].as_array().unwrap() {
+        assert_eq!(img["content_type"], "image/jpeg", "{view}");
+        let r = get(&s, img["url"].as_str().unwrap(), None).await;
+        assert_eq!(r.headers()["content-type"], "image/jpeg");
+        let bytes = r.bytes().await.unwrap();
+        assert_eq!(&bytes[..2], &[0xFF, 0xD8]);
+        let mut dec = image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(&bytes)).unwrap();
+        use image::ImageDecoder;
+        let exif = dec.exif_metadata().unwrap().unwrap();
+        let comment = afa::pipeline::encode::read_user_comment(&exif).unwrap();
+        assert!(comment.starts_with("p\nSeed: "), "{comment}");
+    }
+    // The file on disk is named for its format.
+    let artifacts = s.jobs.store.artifacts(&id).await.unwrap();
+    assert!(
+        artifacts
+            .iter()
+            .all(|a| a.kind == "jpeg" && a.path.ends_with(".jpg"))
+    );
+}
+
+fn base64_decode(v: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap())
+        .unwrap()
 }

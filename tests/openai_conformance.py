@@ -126,6 +126,33 @@ def main() -> None:
         output_format="png", output_compression=100, quality="auto", safety_identifier="user-1",
         user="user-1", extra_body={"seed": 4, "steps": 1})
     assert base64.b64decode(official.data[0].b64_json).startswith(b"\x89PNG")
+    # output_format: a JPEG (quality = output_compression) or a lossless WebP, each with the
+    # A1111 parameters in an EXIF UserComment (UTF-16BE after "UNICODE\0", as A1111 writes it).
+    for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        r = client.images.generate(model="tiny-afa", prompt="a lighthouse", output_format=fmt,
+                                   output_compression=80, extra_body={"seed": 6, "steps": 1})
+        data = base64.b64decode(r.data[0].b64_json)
+        assert data.startswith(magic), (fmt, data[:12])
+        assert b"UNICODE\x00" + "a lighthouse".encode("utf-16-be") in data, (fmt, "no EXIF")
+        assert "Seed: 6".encode("utf-16-be") in data, (fmt, "no parameters in EXIF")
+    assert client.images.generate(model="tiny-afa", prompt="a", output_format="jpeg",
+                                  extra_body={"seed": 6, "steps": 1}).output_format == "jpeg"
+    # stream=True with partial_images=2: two previews, then the completed image.
+    events = list(client.images.generate(model="tiny-afa", prompt="a lighthouse", stream=True,
+                                         partial_images=2, size="128x128",
+                                         extra_body={"seed": 7, "steps": 4}))
+    kinds = [e.type for e in events if e.type != "image_generation.progress"]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    assert [p.partial_image_index for p in partials] == [0, 1], partials
+    for p in partials:
+        assert (p.size, p.output_format, p.background) == ("128x128", "png", "opaque"), p
+        assert png_text_chunks(base64.b64decode(p.b64_json))["size"] == (128, 128)
+    completed = events[-1]
+    final = base64.b64decode(completed.b64_json)
+    plain = client.images.generate(model="tiny-afa", prompt="a lighthouse", size="128x128",
+                                   extra_body={"seed": 7, "steps": 4})
+    assert base64.b64decode(plain.data[0].b64_json) == final, "previews changed the image"
     # quality without steps stands for a step count: low half the default, high twice it.
     def steps_of(**kwargs) -> int:
         r = client.images.generate(model="tiny-afa", prompt="a lighthouse", size="64x64",
@@ -138,7 +165,10 @@ def main() -> None:
     # ... or refused by name, with the reason.
     for kwargs, field in ((dict(background="transparent"), "background"),
                           (dict(moderation="strict"), "moderation"),
-                          (dict(output_compression=101), "output_compression")):
+                          (dict(output_compression=101), "output_compression"),
+                          (dict(output_format="gif"), "output_format"),
+                          (dict(partial_images=2), "partial_images"),
+                          (dict(partial_images=4, stream=True), "partial_images")):
         try:
             client.images.generate(model="tiny-afa", prompt="a", **kwargs)
         except openai.BadRequestError as e:

@@ -460,6 +460,8 @@ fn request_value() -> impl Strategy<Value = serde_json::Value> {
         Just("ensemble_mode"),
         Just("return_attention_maps"),
         Just("output_format"),
+        Just("output_compression"),
+        Just("partial_images"),
         Just("stream"),
     ];
     (
@@ -501,6 +503,8 @@ proptest! {
                 prop_assert!((1..=l.max_batch).contains(&ok.job.images.len()));
                 prop_assert!(ok.job.steps >= 1 && ok.job.steps <= l.max_steps);
                 prop_assert!(ok.job.width * ok.job.height <= l.max_pixels);
+                prop_assert!(ok.job.partial_images <= 3);
+                prop_assert!(ok.output.encoding.quality <= 100);
             }
             Err(e) => {
                 let status = e.status().as_u16();

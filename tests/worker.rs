@@ -54,6 +54,7 @@ impl Engine for FakeEngine {
                     a.then(|| ImageResult {
                         seed: s.seed,
                         png: s.seed.to_le_bytes().to_vec(),
+                        raster: Default::default(),
                         warnings: vec![],
                         attention_maps: None,
                     })

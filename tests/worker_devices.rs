@@ -98,6 +98,7 @@ impl Engine for FakeDevice {
                         seed: s.seed,
                         // Which device drew it, so tests can tell.
                         png: self.name.as_bytes().to_vec(),
+                        raster: Default::default(),
                         warnings: vec![],
                         attention_maps: None,
                     })

@@ -9,8 +9,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::schema::{
-    ErrorEnvelope, JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiProgressData,
-    ProgressData, QueuedData, event_stream_schema,
+    ErrorEnvelope, JobProgressData, JobQueuedData, OpenAiCompletedData, OpenAiPartialImageData,
+    OpenAiProgressData, PreviewData, ProgressData, QueuedData, event_stream_schema,
 };
 use super::{generate, jobs, ops, ui};
 
@@ -85,6 +85,8 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
         JobProgressData,
         OpenAiProgressData,
         OpenAiCompletedData,
+        OpenAiPartialImageData,
+        PreviewData,
         ),
     ),
     modifiers(&BearerAuth),
@@ -401,6 +403,9 @@ mod tests {
                 schema,
                 &json!({"prompt": "a", "return_attention_maps": true})
             ));
+            let formats = json!({"prompt": "a", "output_format": "webp",
+                "output_compression": 80, "partial_images": 3, "stream": true});
+            assert!(valid(&doc, schema, &formats), "{path}");
             for bad in [
                 json!({"prompt": "a", "stpes": 3}),
                 json!({"steps": 3}),
@@ -410,6 +415,9 @@ mod tests {
                 json!({"prompt": "a", "return_attention_maps": {"steps": "some"}}),
                 json!({"prompt": "a", "return_attention_maps": {"x": 1}}),
                 json!({"prompt": "a", "return_attention_maps": 3}),
+                json!({"prompt": "a", "output_format": "gif"}),
+                json!({"prompt": "a", "output_compression": 101}),
+                json!({"prompt": "a", "partial_images": 4}),
             ] {
                 assert!(!valid(&doc, schema, &bad), "{path} accepts {bad}");
             }
@@ -420,7 +428,8 @@ mod tests {
         let openai = request_schema(&doc, "post", "/v1/images/generations");
         let ok = json!({"model": "tiny-afa", "prompt": "a fox", "n": 1, "size": "128x128",
             "response_format": "b64_json", "quality": "auto", "style": "vivid", "user": "u1",
-            "seed": 1, "steps": 4, "stream": true});
+            "seed": 1, "steps": 4, "stream": true, "partial_images": 2, "output_format": "jpeg",
+            "output_compression": 80});
         assert!(valid(&doc, openai, &ok));
         super::super::openai::to_native(serde_json::from_value(ok).unwrap()).unwrap();
         assert!(!valid(&doc, openai, &json!({"prompt": "a", "width": 64})));
@@ -432,6 +441,29 @@ mod tests {
     }
 
     type NativeRequestCheck = super::super::request::NativeRequest;
+
+    #[test]
+    fn streams_document_their_preview_events() {
+        let doc = doc();
+        for (stream, event, data) in [
+            (
+                "OpenAiStreamEvent",
+                "image_generation.partial_image",
+                "OpenAiPartialImageData",
+            ),
+            ("NativeStreamEvent", "preview", "PreviewData"),
+            ("JobStreamEvent", "preview", "PreviewData"),
+        ] {
+            let text = doc["components"]["schemas"][stream].to_string();
+            assert!(text.contains(&format!("\"{event}\"")), "{stream}: {text}");
+            assert!(
+                text.contains(&format!("schemas/{data}")),
+                "{stream}: {text}"
+            );
+            let fields = &doc["components"]["schemas"][data]["properties"];
+            assert!(fields["partial_image_index"].is_object(), "{data}");
+        }
+    }
 
     #[test]
     fn query_parameters_are_those_of_the_query_struct() {

@@ -82,10 +82,21 @@ pub struct OpenAiEditForm {
     /// `true`, `false`, or the native JSON object as text.
     #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
+    /// As on `/v1/images/generations`: accepted with a warning (no effect).
+    pub complexity: Option<String>,
+    /// GIF output only: refused.
+    pub frame_count: Option<u64>,
+    /// GIF output only: refused.
+    pub frame_duration_ms: Option<u64>,
+    /// SVG output only (`svg[model]`, ...): refused.
+    #[schema(value_type = Option<Object>)]
+    pub svg: Option<Value>,
 }
 
 /// Fields whose text is a number or a boolean in the JSON they stand for.
-const NUMBER_FIELDS: [&str; 7] = [
+const NUMBER_FIELDS: [&str; 9] = [
+    "frame_count",
+    "frame_duration_ms",
     "n",
     "output_compression",
     "partial_images",
@@ -333,6 +344,10 @@ impl OpenAiEditForm {
             scheduler: self.scheduler,
             ensemble_mode: self.ensemble_mode,
             return_attention_maps: self.return_attention_maps,
+            complexity: self.complexity,
+            frame_count: self.frame_count,
+            frame_duration_ms: self.frame_duration_ms,
+            svg: self.svg,
             ..Default::default()
         }
     }

@@ -17,15 +17,16 @@ use super::apidoc::{
 };
 use super::body::{bytes_or_error, parse_json, parse_query};
 use super::error::ApiError;
+use super::media::image_file;
 use super::middleware::{Caller, RequestId};
 use super::openai::{OpenAiImageRequest, quality_steps, to_native};
 use super::output::{native_json, openai_json, render_blocking, server_timing};
 use super::quota::{QuotaGuard, admit_sync};
 use super::request::{NativeQuery, NativeRequest, Validated, validate};
-use super::schema::{NativeResponse, OpenAiImage, OpenAiImagesResponse, PngFile};
+use super::schema::{ImageFile, NativeResponse, OpenAiImage, OpenAiImagesResponse, PngFile};
 use super::stream::{Flavor, sse_response};
 use crate::telemetry::Metrics;
-use crate::worker::{JobEvent, JobOutput, JobTicket};
+use crate::worker::{ImageFormat, JobEvent, JobOutput, JobTicket};
 
 /// A seed for a request without one: 32 bits, so every client (and A1111) can hold it.
 pub(super) fn draw_seed() -> u64 {
@@ -115,7 +116,8 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
 }
 
 /// `POST /generate`: generate and answer with JSON (base64 PNGs, seeds, timings), the PNG
-/// itself (`Accept: image/png`, n = 1, no maps), or Server-Sent Events (`stream: true` or
+/// itself (`Accept` naming the `output_format`'s type, e.g. `image/png`, n = 1, no maps), or
+/// Server-Sent Events (`stream: true` or
 /// `Accept: text/event-stream`).
 #[utoipa::path(
     post,
@@ -126,10 +128,12 @@ fn accepts(headers: &HeaderMap, mime: &str) -> bool {
         (status = 200, description = "The images", content(
             (NativeResponse = "application/json"),
             (PngFile = "image/png"),
+            (ImageFile = "image/jpeg"),
+            (ImageFile = "image/webp"),
             (ref("#/components/schemas/NativeStreamEvent") = "text/event-stream"),
         ), headers(
-            ("x-seed" = u64, description = "The seed (image/png answers)"),
-            ("server-timing" = String, description = "Stage timings (image/png answers)"),
+            ("x-seed" = u64, description = "The seed (bare image answers)"),
+            ("server-timing" = String, description = "Stage timings (bare image answers)"),
         )),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
@@ -152,7 +156,7 @@ pub async fn native(
     let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
     let answer = Answer {
         sse: req.stream.unwrap_or(false) || accepts(&headers, "text/event-stream"),
-        png: accepts(&headers, "image/png"),
+        file: ImageFormat::ALL.map(|f| accepts(&headers, f.content_type())),
     };
     run_native(state, (id, caller), req, answer).await
 }
@@ -161,7 +165,18 @@ pub async fn native(
 #[derive(Debug, Clone, Copy)]
 struct Answer {
     sse: bool,
-    png: bool,
+    /// Per format of `ImageFormat::ALL`, whether `Accept` names its media type (the bare
+    /// file is the answer when it names the request's `output_format`).
+    file: [bool; 3],
+}
+
+impl Answer {
+    fn wants_file(&self, format: ImageFormat) -> bool {
+        ImageFormat::ALL
+            .iter()
+            .zip(self.file)
+            .any(|(f, yes)| *f == format && yes)
+    }
 }
 
 /// `POST /generate/stream`: like `/generate`, answered with Server-Sent Events (`queued`,
@@ -193,7 +208,7 @@ pub async fn native_stream_post(
     let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
     let answer = Answer {
         sse: true,
-        png: false,
+        file: [false; 3],
     };
     run_native(state, (id, caller), req, answer).await
 }
@@ -227,7 +242,7 @@ pub async fn native_stream_get(
     let query: NativeQuery = parse_query(query.as_deref().unwrap_or(""))?;
     let answer = Answer {
         sse: true,
-        png: false,
+        file: [false; 3],
     };
     run_native(state, (id, caller), NativeRequest::from(query), answer).await
 }
@@ -239,6 +254,14 @@ async fn run_native(
     answer: Answer,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    if let Some(n) = req.partial_images.filter(|&n| n > 0 && !answer.sse) {
+        return Err(ApiError::invalid(
+            "partial_images",
+            format!(
+                "partial_images {n} sends previews as stream events: it needs stream: true (or follow a /v1/jobs job's events)"
+            ),
+        ));
+    }
     let (validated, mut admitted) = submit(&state, &caller, &req).await?;
     if answer.sse {
         let flavor = Flavor::Native {
@@ -254,17 +277,28 @@ async fn run_native(
     state
         .metrics
         .request_duration("/generate", started.elapsed());
-    if answer.png && validated.job.images.len() == 1 && validated.maps.is_none() {
-        return Ok(png_response(&output));
+    let encoding = validated.output.encoding;
+    if answer.wants_file(encoding.format)
+        && validated.job.images.len() == 1
+        && validated.maps.is_none()
+    {
+        let bytes = if encoding.format == ImageFormat::Png {
+            output.images[0].png.clone()
+        } else {
+            let image = output.images[0].clone();
+            render_blocking(move || Ok(image_file(&image, encoding)?.into_owned())).await?
+        };
+        return Ok(file_response(&output, encoding.format, bytes));
     }
     let body = render_blocking(move || native_json(&output, &validated, &id.0, &[])).await?;
     Ok(axum::Json(body).into_response())
 }
 
-/// The bare PNG answer, with seed, timings and warnings as headers.
-fn png_response(output: &JobOutput) -> Response {
+/// The bare image answer (`bytes`, the file of the only image), with seed, timings and
+/// warnings as headers.
+fn file_response(output: &JobOutput, format: ImageFormat, bytes: Vec<u8>) -> Response {
     let image = &output.images[0];
-    let mut r = ([(header::CONTENT_TYPE, "image/png")], image.png.clone()).into_response();
+    let mut r = ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response();
     let h = r.headers_mut();
     h.insert("x-seed", HeaderValue::from(image.seed));
     if let Ok(v) = HeaderValue::from_str(&server_timing(&output.timings)) {
@@ -397,7 +431,7 @@ async fn run_openai(
     let output = output?;
     state.metrics.request_duration(route, started.elapsed());
     let warnings = options.warnings;
-    let body = render_blocking(move || Ok(openai_json(&output, &validated, &warnings))).await?;
+    let body = render_blocking(move || openai_json(&output, &validated, &warnings)).await?;
     Ok(axum::Json(body).into_response())
 }
 
@@ -469,7 +503,7 @@ async fn openai_url(
         data,
         job_id: Some(row.id.clone()),
         model: row.ensemble.clone(),
-        output_format: "png".into(),
+        output_format: p["output_format"].as_str().unwrap_or("png").into(),
         size: format!("{}x{}", p["width"], p["height"]),
         timings: row.timings.clone().unwrap_or_default(),
         warnings: warnings.to_vec(),

@@ -1,17 +1,18 @@
 //! How the HTTP layer's formats meet the job service: a stored row's parameters (the
 //! native request, every default resolved) become a worker job again through the same
-//! validation as a live request, and a finished job becomes its files (PNGs, attention-map
-//! bundles in the API's JSON).
+//! validation as a live request, and a finished job becomes its files (images in the asked
+//! `output_format`, attention-map bundles in the API's JSON).
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::media::image_file;
 use super::output::{render_maps, timings_json};
 use super::request::{MapsOutput, NativeRequest, Validated, validate};
 use crate::jobs::JobCodec;
 use crate::store::{ArtifactFile, JobRow};
 use crate::telemetry::Metrics;
-use crate::worker::{Catalog, GenerationJob, JobOutput, legend_text};
+use crate::worker::{Catalog, Encoding, GenerationJob, JobOutput, legend_text};
 
 /// The stored form of a validated request: every default and the seed resolved, so that
 /// validating it again (after a restart) gives the same job and the same images.
@@ -57,7 +58,8 @@ impl HttpJobCodec {
 }
 
 impl JobCodec for HttpJobCodec {
-    type Extra = Option<MapsOutput>;
+    /// The map encodings asked for, and the image format.
+    type Extra = (Option<MapsOutput>, Encoding);
 
     fn rebuild(
         &self,
@@ -70,11 +72,15 @@ impl JobCodec for HttpJobCodec {
         let seed = row.seeds.first().copied().unwrap_or(0);
         let v = validate(&req, catalog, queue_capacity, seed)
             .map_err(|e| format!("the job is no longer valid: {e}"))?;
-        Ok((v.job, v.maps))
+        Ok((v.job, (v.maps, v.output.encoding)))
     }
 
-    fn files(&self, output: &JobOutput, maps: &Self::Extra) -> Result<Vec<ArtifactFile>, String> {
-        artifact_files(output, maps.as_ref())
+    fn files(
+        &self,
+        output: &JobOutput,
+        (maps, encoding): &Self::Extra,
+    ) -> Result<Vec<ArtifactFile>, String> {
+        artifact_files(output, maps.as_ref(), *encoding)
     }
 
     fn timings(&self, output: &JobOutput) -> Value {
@@ -86,18 +92,22 @@ impl JobCodec for HttpJobCodec {
     }
 }
 
-/// One PNG per image, plus its attention-map bundle (JSON) when maps were asked for.
+/// One image file per image (kind `png`, `jpeg` or `webp`), plus its attention-map bundle
+/// (JSON) when maps were asked for.
 fn artifact_files(
     output: &JobOutput,
     maps: Option<&MapsOutput>,
+    encoding: Encoding,
 ) -> Result<Vec<ArtifactFile>, String> {
     let legend = legend_text(&output.experts);
     let mut files = Vec::new();
     for (index, img) in output.images.iter().enumerate() {
         files.push(ArtifactFile {
             index,
-            kind: "png",
-            bytes: img.png.clone(),
+            kind: encoding.format.as_str(),
+            bytes: image_file(img, encoding)
+                .map_err(|e| e.to_string())?
+                .into_owned(),
         });
         if let (Some(opts), Some(m)) = (maps, &img.attention_maps) {
             let rendered = render_maps(m, opts, &legend).map_err(|e| e.to_string())?;

@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use serde_json::json;
@@ -24,20 +24,20 @@ use super::body::ApiPath;
 use super::body::{bytes_or_error, parse_json};
 use super::error::ApiError;
 use super::job_codec::resolved_params;
+use super::job_follow::Follow;
 use super::middleware::Caller;
 use super::request::{NativeRequest, Validated, validate};
 use super::schema::{
-    ErrorEnvelope, JobErrorInfo, JobImage, JobProgress, JobProgressData, JobQueuedData, JobView,
-    MapsBundle, PngFile,
+    ErrorEnvelope, ImageFile, JobErrorInfo, JobImage, JobProgress, JobView, MapsBundle, PngFile,
 };
-use super::stream::event;
 use crate::jobs::JobService;
 use crate::store::{Insert, JobRow, JobStatus, NewJob, StoreError, sha256_hex};
+use crate::worker::ImageFormat;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-fn store_error(e: StoreError) -> ApiError {
+pub(super) fn store_error(e: StoreError) -> ApiError {
     ApiError::Internal(format!("job store: {e}"))
 }
 
@@ -48,7 +48,7 @@ fn service(state: &ApiState) -> Result<&Arc<JobService>, ApiError> {
         .ok_or_else(|| ApiError::RouteNotFound("/v1/jobs (this server runs no job store)".into()))
 }
 
-fn unknown_job(id: &str) -> ApiError {
+pub(super) fn unknown_job(id: &str) -> ApiError {
     ApiError::NotFound(format!("no job '{id}'"))
 }
 
@@ -229,7 +229,7 @@ pub(super) async fn job_view(
     let mut images = Vec::new();
     if row.status == JobStatus::Succeeded {
         let artifacts = jobs.store.artifacts(&row.id).await.map_err(store_error)?;
-        for a in artifacts.iter().filter(|a| a.kind == "png") {
+        for a in artifacts.iter().filter(|a| image_format(&a.kind).is_some()) {
             let has_maps = artifacts
                 .iter()
                 .any(|m| m.kind == "maps" && m.index == a.index);
@@ -237,6 +237,10 @@ pub(super) async fn job_view(
                 index: a.index,
                 seed: row.seeds.get(a.index).copied(),
                 url: format!("/v1/jobs/{}/images/{}", row.id, a.index),
+                content_type: image_format(&a.kind)
+                    .unwrap_or_default()
+                    .content_type()
+                    .into(),
                 sha256: a.sha256.clone(),
                 bytes: a.bytes,
                 attention_maps_url: has_maps
@@ -295,12 +299,18 @@ pub async fn get(
     Ok(axum::Json(job_view(&state, service(&state)?, &row).await?))
 }
 
+/// The image format an artifact kind names (`png`, `jpeg`, `webp`); `None` for `maps`.
+fn image_format(kind: &str) -> Option<ImageFormat> {
+    ImageFormat::parse(kind)
+}
+
+/// The bytes and kind of artifact `k` of job `id` whose kind `is_kind` accepts.
 async fn artifact(
     state: &ApiState,
     caller: &Caller,
     (id, k): (&str, &str),
-    kind: &str,
-) -> Result<Vec<u8>, ApiError> {
+    (kind, is_kind): (&str, fn(&str) -> bool),
+) -> Result<(Vec<u8>, String), ApiError> {
     let row = owned_job(state, caller, id).await?;
     let jobs = service(state)?;
     let missing = || ApiError::NotFound(format!("job '{id}' has no {kind} {k}"));
@@ -314,20 +324,21 @@ async fn artifact(
     let artifacts = jobs.store.artifacts(id).await.map_err(store_error)?;
     let found = artifacts
         .into_iter()
-        .find(|a| a.index == index && a.kind == kind)
+        .find(|a| a.index == index && is_kind(&a.kind))
         .ok_or_else(missing)?;
     let files = jobs.artifacts.clone();
+    let found_kind = found.kind.clone();
     let read = tokio::task::spawn_blocking(move || files.read(&found))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     match read {
-        Ok(bytes) => Ok(bytes),
+        Ok(bytes) => Ok((bytes, found_kind)),
         Err(StoreError::NotFound(m)) => Err(ApiError::NotFound(m)),
         Err(e) => Err(store_error(e)),
     }
 }
 
-/// `GET /v1/jobs/{id}/images/{k}`: the PNG.
+/// `GET /v1/jobs/{id}/images/{k}`: the image file, in the job's `output_format`.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/images/{k}",
@@ -335,7 +346,11 @@ async fn artifact(
     operation_id = "get_job_image",
     params(("id" = String, Path, description = "The job id"), ("k" = u64, Path, description = "The image index")),
     responses(
-        (status = 200, description = "The PNG", content_type = "image/png", body = PngFile),
+        (status = 200, description = "The image, in the job's output_format", content(
+            (PngFile = "image/png"),
+            (ImageFile = "image/jpeg"),
+            (ImageFile = "image/webp"),
+        )),
         (status = 400, response = BadPath),
         (status = 401, response = Unauthorized),
         (status = 404, response = JobNotFound),
@@ -348,8 +363,10 @@ pub async fn image(
     Extension(caller): Extension<Caller>,
     ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let bytes = artifact(&state, &caller, (&id, &k), "png").await?;
-    Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response())
+    let is_image: fn(&str) -> bool = |kind| image_format(kind).is_some();
+    let (bytes, kind) = artifact(&state, &caller, (&id, &k), ("image", is_image)).await?;
+    let format = image_format(&kind).unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
 }
 
 /// `GET /v1/jobs/{id}/images/{k}/maps`: the attention-map bundle (JSON).
@@ -373,7 +390,8 @@ pub async fn maps(
     Extension(caller): Extension<Caller>,
     ApiPath((id, k)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let bytes = artifact(&state, &caller, (&id, &k), "maps").await?;
+    let is_maps: fn(&str) -> bool = |kind| kind == "maps";
+    let (bytes, _) = artifact(&state, &caller, (&id, &k), ("maps", is_maps)).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
@@ -415,86 +433,8 @@ pub async fn cancel(
     Ok(axum::Json(job_view(&state, jobs, &row).await?))
 }
 
-struct Follow {
-    state: ApiState,
-    jobs: Arc<JobService>,
-    id: String,
-    last: Option<(Option<usize>, usize)>,
-    done: bool,
-}
-
-impl Follow {
-    /// The events since the last call; sets `done` at the end of the job.
-    async fn next_events(&mut self) -> Vec<Event> {
-        let row = match self.jobs.store.job(&self.id).await {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                self.done = true;
-                return vec![event("error", &unknown_job(&self.id).body())];
-            }
-            Err(e) => {
-                self.done = true;
-                return vec![event("error", &store_error(e).body())];
-            }
-        };
-        let view = match job_view(&self.state, &self.jobs, &row).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.done = true;
-                return vec![event("error", &e.body())];
-            }
-        };
-        if row.status.is_terminal() {
-            self.done = true;
-            let name = if row.status == JobStatus::Succeeded {
-                "result"
-            } else {
-                "error"
-            };
-            return vec![event(name, &json!(view))];
-        }
-        let position = view.queue_position;
-        let step = view.progress.as_ref().map_or(0, |p| p.step);
-        if self.last == Some((position, step)) {
-            return vec![];
-        }
-        self.last = Some((position, step));
-        match (row.status, position) {
-            (JobStatus::Queued, p) | (JobStatus::Running, p @ Some(_)) => {
-                let data = JobQueuedData {
-                    status: row.status.as_str().into(),
-                    position: p,
-                };
-                vec![event("queued", &json!(data))]
-            }
-            _ => {
-                let data = JobProgressData {
-                    status: "running".into(),
-                    step,
-                    total: view.progress.as_ref().map(|p| p.total),
-                };
-                vec![event("progress", &json!(data))]
-            }
-        }
-    }
-
-    /// Waits for news: a live update, or a tenth of a second.
-    async fn wait(&self) {
-        let pause = tokio::time::sleep(Duration::from_millis(100));
-        match self.jobs.subscribe(&self.id) {
-            Some(mut rx) => {
-                tokio::select! {
-                    _ = rx.changed() => {}
-                    _ = pause => {}
-                }
-            }
-            None => pause.await,
-        }
-    }
-}
-
-/// `GET /v1/jobs/{id}/events`: `queued` and `progress` events, then `result` (the job view)
-/// or `error`, with keep-alive comments.
+/// `GET /v1/jobs/{id}/events`: `queued`, `progress` and `preview` (`partial_images`) events,
+/// then `result` (the job view) or `error`, with keep-alive comments (see `job_follow.rs`).
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -517,13 +457,7 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let keep_alive = state.config.keep_alive;
-    let follow = Follow {
-        jobs: service(&state)?.clone(),
-        state,
-        id: row.id,
-        last: None,
-        done: false,
-    };
+    let follow = Follow::new(state.clone(), service(&state)?.clone(), &row);
     let events = stream::unfold((follow, true), |(mut f, first)| async move {
         if f.done {
             return None;

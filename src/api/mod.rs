@@ -12,14 +12,18 @@ pub mod error;
 mod generate;
 pub mod init_request;
 mod job_codec;
+mod job_follow;
 mod jobs;
+pub mod media;
 pub mod middleware;
 pub mod openai;
 mod ops;
 pub mod output;
 pub mod quota;
 pub mod request;
+mod request_maps;
 pub mod schema;
+mod schema_events;
 mod stream;
 mod ui;
 

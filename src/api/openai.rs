@@ -12,7 +12,8 @@ use super::error::ApiError;
 use super::request::NativeRequest;
 #[allow(unused_imports)]
 use super::schema::{
-    Background, MapsOption, Moderation, OutputFormat, Quality, ResponseFormat, SchedulerName, Style,
+    Background, Complexity, MapsOption, Moderation, OutputFormat, Quality, ResponseFormat,
+    SchedulerName, Style,
 };
 #[allow(unused_imports)]
 use super::schema::{ModelList, ModelObject};
@@ -42,10 +43,12 @@ pub struct OpenAiImageRequest {
     pub style: Option<String>,
     /// Recorded in the log line of the request.
     pub user: Option<String>,
+    /// `png` (default), `jpeg` or `webp` (lossless), the A1111 parameters in each file's
+    /// metadata.
     #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
-    /// 0-100, for lossy formats; PNG (the only format served) is lossless, so a warning says it
-    /// has no effect.
+    /// 0-100: the JPEG quality (100, the default, is the best); PNG and WebP are lossless here,
+    /// so for them a value below 100 only earns a warning.
     #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u64>,
     /// `auto` or `opaque` (SD 1.5 images are opaque); `transparent` is refused.
@@ -58,10 +61,12 @@ pub struct OpenAiImageRequest {
     /// line.
     #[schema(max_length = 256)]
     pub safety_identifier: Option<String>,
-    /// Preview images while streaming: 0 only for now (more is refused by name).
-    #[schema(minimum = 0, maximum = 0)]
+    /// 0-3 previews per image while streaming (`image_generation.partial_image` events: the
+    /// predicted clean image at evenly spaced steps); needs `stream: true`.
+    #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u64>,
-    /// Server-Sent Events (`image_generation.progress`, `image_generation.completed`).
+    /// Server-Sent Events (`image_generation.progress`, `image_generation.partial_image`,
+    /// `image_generation.completed`).
     pub stream: Option<bool>,
     pub seed: Option<u64>,
     #[schema(max_length = 16384)]
@@ -75,6 +80,17 @@ pub struct OpenAiImageRequest {
     pub ensemble_mode: Option<String>,
     #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
+    /// `low`, `medium` or `high`: accepted; no planning stage runs here (a warning says so;
+    /// `quality` or `steps` set the work).
+    #[schema(value_type = Option<Complexity>)]
+    pub complexity: Option<String>,
+    /// GIF output only: refused (SD 1.5 draws still images).
+    pub frame_count: Option<u64>,
+    /// GIF output only: refused.
+    pub frame_duration_ms: Option<u64>,
+    /// SVG output only: refused (no vector author model here).
+    #[schema(value_type = Option<Object>)]
+    pub svg: Option<Value>,
 }
 
 /// What the OpenAI route needs beyond the native request.
@@ -92,28 +108,31 @@ pub struct OpenAiOptions {
     pub quality: String,
 }
 
-const QUALITIES: [&str; 6] = ["auto", "standard", "hd", "low", "medium", "high"];
+const QUALITIES: [&str; 8] = [
+    "auto", "standard", "hd", "low", "medium", "high", "xhigh", "max",
+];
+const COMPLEXITIES: [&str; 3] = ["low", "medium", "high"];
 const STYLES: [&str; 2] = ["vivid", "natural"];
 const MODERATIONS: [&str; 2] = ["auto", "low"];
 
 /// The denoising steps `quality` stands for when the request gives no `steps`: `low` half the
-/// ensemble's default, `auto`/`standard`/`medium` the default, `high`/`hd` twice it (within
-/// the server's step limit).
+/// ensemble's default, `auto`/`standard`/`medium` the default, `high`/`hd` twice it, `xhigh`
+/// three times, `max` four times (within the server's step limit).
 pub fn quality_steps(quality: &str, default_steps: usize, max_steps: usize) -> usize {
     let steps = match quality {
         "low" => default_steps / 2,
         "high" | "hd" => default_steps * 2,
+        "xhigh" => default_steps * 3,
+        "max" => default_steps * 4,
         _ => default_steps,
     };
     steps.clamp(1, max_steps.max(1))
 }
 
-/// `background`, `moderation`, `output_compression`, `partial_images`: honoured where this
-/// model family can, accepted with their meaning here, or refused by name.
-fn check_official_options(
-    req: &OpenAiImageRequest,
-    warnings: &mut Vec<String>,
-) -> Result<(), ApiError> {
+/// `background`, `moderation`, `partial_images` (its range and `output_format`/
+/// `output_compression` are the native request's): honoured where this model family can,
+/// accepted with their meaning here, or refused by name.
+fn check_official_options(req: &OpenAiImageRequest) -> Result<(), ApiError> {
     match req.background.as_deref() {
         None | Some("auto" | "opaque") => {}
         Some("transparent") => {
@@ -139,36 +158,42 @@ fn check_official_options(
             format!("unknown moderation '{m}' (auto or low)"),
         ));
     }
-    match req.output_compression {
-        Some(c) if c > 100 => {
+    for (field, given) in [
+        ("frame_count", req.frame_count.is_some()),
+        ("frame_duration_ms", req.frame_duration_ms.is_some()),
+    ] {
+        if given {
             return Err(ApiError::invalid(
-                "output_compression",
-                format!("output_compression must be 0..=100, got {c}"),
-            ));
-        }
-        Some(c) if c < 100 => warnings.push(format!(
-            "output_compression {c} has no effect: PNG is lossless"
-        )),
-        _ => {}
-    }
-    match req.partial_images {
-        None | Some(0) => {}
-        Some(n) if n <= 3 => {
-            return Err(ApiError::invalid(
-                "partial_images",
+                field,
                 format!(
-                    "partial_images {n}: preview images are not produced yet; stream without them (0) for progress events and the final image"
+                    "{field} is for GIF output, which is not produced here: Stable Diffusion 1.5 draws still images (png, jpeg or webp)"
                 ),
             ));
         }
-        Some(n) => {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!("partial_images must be 0..=3, got {n}"),
-            ));
-        }
     }
-    Ok(())
+    if req.svg.is_some() {
+        return Err(ApiError::invalid(
+            "svg",
+            "SVG output needs a vector author model, which is not served here; use png, jpeg or webp",
+        ));
+    }
+    if let Some(c) = req
+        .complexity
+        .as_deref()
+        .filter(|c| !COMPLEXITIES.contains(c))
+    {
+        return Err(ApiError::invalid(
+            "complexity",
+            format!("unknown complexity '{c}' (low, medium or high)"),
+        ));
+    }
+    match req.partial_images {
+        Some(n) if n > 0 && req.stream != Some(true) => Err(ApiError::invalid(
+            "partial_images",
+            format!("partial_images {n} sends previews as stream events: it needs stream: true"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Converts an OpenAI request into the native one. Validation of shared fields happens later,
@@ -191,7 +216,7 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         ));
     }
     let mut warnings = Vec::new();
-    check_official_options(&req, &mut warnings)?;
+    check_official_options(&req)?;
     if let Some(q) = req.quality.as_deref() {
         if !QUALITIES.contains(&q) {
             return Err(ApiError::invalid(
@@ -202,6 +227,11 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         if q != "auto" && req.steps.is_some() {
             warnings.push(format!("quality '{q}' has no effect when steps is given"));
         }
+    }
+    if let Some(c) = req.complexity.as_deref() {
+        warnings.push(format!(
+            "complexity '{c}' has no effect here (no planning stage); quality or steps set the work"
+        ));
     }
     if let Some(s) = req.style.as_deref() {
         if !STYLES.contains(&s) {
@@ -229,6 +259,8 @@ pub fn to_native(req: OpenAiImageRequest) -> Result<(NativeRequest, OpenAiOption
         ensemble_mode: req.ensemble_mode,
         return_attention_maps: req.return_attention_maps,
         output_format: req.output_format,
+        output_compression: req.output_compression,
+        partial_images: req.partial_images,
         stream: None,
         init_image: None,
         mask: None,
@@ -308,6 +340,8 @@ mod tests {
         assert_eq!(quality_steps("medium", 20, 500), 20);
         assert_eq!(quality_steps("high", 20, 500), 40);
         assert_eq!(quality_steps("hd", 300, 500), 500);
+        assert_eq!(quality_steps("xhigh", 20, 500), 60);
+        assert_eq!(quality_steps("max", 20, 500), 80);
         assert_eq!(quality_steps("low", 1, 500), 1);
     }
 
@@ -329,9 +363,12 @@ mod tests {
             ("background", json!("transparent")),
             ("background", json!("sepia")),
             ("moderation", json!("strict")),
-            ("output_compression", json!(101)),
+            // Previews are stream events: without stream they would be dropped.
             ("partial_images", json!(2)),
-            ("partial_images", json!(4)),
+            ("frame_count", json!(4)),
+            ("frame_duration_ms", json!(100)),
+            ("svg", json!({"model": "x"})),
+            ("complexity", json!("extreme")),
         ] {
             let mut body = json!({"prompt": "a"});
             body[field] = value.clone();
@@ -344,13 +381,18 @@ mod tests {
         .unwrap();
         assert!(o.warnings.is_empty(), "{:?}", o.warnings);
         assert_eq!(o.safety_identifier.as_deref(), Some("user-7"));
-        let (_, o) = to_native(parse(json!({"prompt": "a", "output_compression": 80}))).unwrap();
-        assert!(
-            o.warnings[0].contains("output_compression 80"),
-            "{:?}",
-            o.warnings
-        );
+        let (n, o) = to_native(parse(
+            json!({"prompt": "a", "stream": true, "partial_images": 2,
+            "output_format": "jpeg", "output_compression": 80}),
+        ))
+        .unwrap();
+        assert!(o.stream && o.warnings.is_empty(), "{:?}", o.warnings);
+        assert_eq!(n.partial_images, Some(2));
+        assert_eq!(n.output_format.as_deref(), Some("jpeg"));
+        assert_eq!(n.output_compression, Some(80));
         assert_eq!(err(json!({"prompt": "a", "style": "weird"})), "style");
+        let (_, o) = to_native(parse(json!({"prompt": "a", "complexity": "high"}))).unwrap();
+        assert!(o.warnings[0].contains("complexity"), "{:?}", o.warnings);
         let (_, o) = to_native(parse(
             json!({"prompt": "a", "quality": "hd", "style": "vivid"}),
         ))

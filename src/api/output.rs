@@ -1,4 +1,5 @@
-//! Turning a finished job into response bodies: the native JSON (base64 PNGs, seeds, timings,
+//! Turning a finished job into response bodies: the native JSON (base64 images in the asked
+//! format, seeds, timings,
 //! warnings, attention maps as PNG heat maps and/or raw arrays), the OpenAI JSON, and the
 //! headers of a bare-PNG answer. Rendering is CPU work: it runs on the bounded encode stage
 //! (`render_blocking`), never on the runtime's worker threads.
@@ -7,11 +8,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::media::image_base64;
 use super::request::{MapsOutput, Validated};
 use super::schema::{
     AttentionMap, ImageItem, NativeResponse, OpenAiImage, OpenAiImagesResponse, Parameters, Timings,
 };
-use crate::worker::{ImageMap, JobOutput, JobTimings, legend_text};
+use crate::worker::{ImageFormat, ImageMap, JobOutput, JobTimings, legend_text};
 
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
@@ -87,6 +89,13 @@ pub fn parameters(v: &Validated) -> Parameters {
         seed: first.seed,
         strength: j.strength.map(|s| s.value()),
         return_attention_maps: None,
+        output_format: (v.output.encoding.format != ImageFormat::Png)
+            .then(|| v.output.encoding.format.as_str().to_string()),
+        output_compression: v
+            .output
+            .compression_given
+            .then_some(u64::from(v.output.encoding.quality)),
+        partial_images: (j.partial_images > 0).then_some(j.partial_images as u64),
     }
 }
 
@@ -95,9 +104,14 @@ pub fn parameters_json(v: &Validated) -> Value {
     serde_json::to_value(parameters(v)).unwrap_or_default()
 }
 
-/// Warnings of all images, without repeats, plus `extra`.
+/// Warnings of all images, without repeats, after `extra`.
 pub fn warnings(output: &JobOutput, extra: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = extra.to_vec();
+    let mut out: Vec<String> = Vec::new();
+    for w in extra {
+        if !out.contains(w) {
+            out.push(w.clone());
+        }
+    }
     for w in output.images.iter().flat_map(|i| &i.warnings) {
         if !out.contains(w) {
             out.push(w.clone());
@@ -123,10 +137,16 @@ pub fn native_json(
                 (Some(opts), Some(maps)) => Some(render_maps(maps, opts, &legend)?),
                 _ => None,
             };
+            let format = v.output.encoding.format;
+            let b64 = image_base64(img, v.output.encoding)?;
+            let png = format == ImageFormat::Png;
             Ok(ImageItem {
                 index,
                 seed: img.seed,
-                png_base64: B64.encode(&img.png),
+                png_base64: png.then(|| b64.clone()),
+                image_base64: (!png).then_some(b64),
+                output_format: format.as_str().into(),
+                content_type: format.content_type().into(),
                 warnings: img.warnings.clone(),
                 attention_maps,
             })
@@ -141,7 +161,7 @@ pub fn native_json(
         experts: output.experts.clone(),
         parameters: parameters(v),
         timings: timings(&output.timings),
-        warnings: warnings(output, extra_warnings),
+        warnings: warnings(output, &[&v.output.warnings[..], extra_warnings].concat()),
     })
 }
 
@@ -150,26 +170,28 @@ pub fn openai_json(
     output: &JobOutput,
     v: &Validated,
     extra_warnings: &[String],
-) -> OpenAiImagesResponse {
+) -> Result<OpenAiImagesResponse, ApiError> {
     let data = output
         .images
         .iter()
-        .map(|img| OpenAiImage {
-            b64_json: Some(B64.encode(&img.png)),
-            url: None,
-            seed: img.seed,
+        .map(|img| {
+            Ok(OpenAiImage {
+                b64_json: Some(image_base64(img, v.output.encoding)?),
+                url: None,
+                seed: img.seed,
+            })
         })
-        .collect();
-    OpenAiImagesResponse {
+        .collect::<Result<_, ApiError>>()?;
+    Ok(OpenAiImagesResponse {
         created: unix_now(),
         data,
         job_id: None,
         model: v.job.ensemble.clone(),
-        output_format: "png".into(),
+        output_format: v.output.encoding.format.as_str().into(),
         size: format!("{}x{}", v.job.width, v.job.height),
         timings: timings_json(&output.timings),
-        warnings: warnings(output, extra_warnings),
-    }
+        warnings: warnings(output, &[&v.output.warnings[..], extra_warnings].concat()),
+    })
 }
 
 /// The maps of one image: point, step, shape, and the asked-for encodings.

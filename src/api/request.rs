@@ -6,12 +6,13 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
+use super::media::{OutputOptions, parse_output};
+use super::request_maps::{map_bytes, parse_maps};
 #[allow(unused_imports)]
 use super::schema::{MapsOption, OutputFormat, SchedulerName};
 use crate::config::parse_size;
 use crate::worker::{
-    Catalog, EnsembleCatalog, EnsembleMode, GenerationJob, ImageSpec, MapPoints, MapsRequest,
-    SchedulerKind, heatmap_scale, validate_job,
+    Catalog, EnsembleCatalog, EnsembleMode, GenerationJob, ImageSpec, SchedulerKind, validate_job,
 };
 
 /// Body of `POST /generate` (and `POST /generate/stream`, `POST /v1/jobs`). Unknown fields are
@@ -53,9 +54,19 @@ pub struct NativeRequest {
     /// false | true | {"steps": "mean"|"all", "blocks": [points], "format": "png"|"f32"|"f16"|[...]}
     #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
-    /// Only "png".
+    /// `png` (default, A1111 `parameters` text chunk), `jpeg` or `webp` (lossless); JPEG and
+    /// WebP carry the same text as an EXIF UserComment.
     #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
+    /// 0-100: the JPEG quality (100, the default, is the best); no effect on PNG and WebP
+    /// (both lossless here; a warning says so).
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u64>,
+    /// 0-3 previews per image while denoising (the predicted clean image at evenly spaced
+    /// steps, decoded with the VAE), as `preview` events: needs `stream` on `/generate`; on
+    /// `/v1/jobs` they come on `GET /v1/jobs/{id}/events`.
+    #[schema(minimum = 0, maximum = 3)]
+    pub partial_images: Option<u64>,
     /// Answer with Server-Sent Events (progress, then the result); refused by `/v1/jobs`.
     pub stream: Option<bool>,
     /// Image-to-image: the picture to start from, PNG, JPEG or WebP, base64 (or a `data:` URL),
@@ -104,6 +115,10 @@ pub struct NativeQuery {
     pub return_attention_maps: Option<bool>,
     #[param(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
+    #[param(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u64>,
+    #[param(minimum = 0, maximum = 3)]
+    pub partial_images: Option<u64>,
     pub stream: Option<bool>,
 }
 
@@ -124,6 +139,8 @@ impl From<NativeQuery> for NativeRequest {
             ensemble_mode: q.ensemble_mode,
             return_attention_maps: q.return_attention_maps.map(Value::Bool),
             output_format: q.output_format,
+            output_compression: q.output_compression,
+            partial_images: q.partial_images,
             stream: q.stream,
             init_image: None,
             mask: None,
@@ -148,6 +165,8 @@ pub struct Validated {
     /// `None` when maps were not asked for.
     pub maps: Option<MapsOutput>,
     pub stream: bool,
+    /// The file format of the images and previews (`job.partial_images` counts the previews).
+    pub output: OutputOptions,
 }
 
 /// Checks `req` against `catalog`; `drawn_seed` is used when the request has no seed and
@@ -190,12 +209,11 @@ pub fn validate(
     let guidance = req.guidance_scale.unwrap_or(entry.default_guidance);
     let scheduler = parse_scheduler(req.scheduler.as_deref(), entry)?;
     let mode = parse_mode(req.ensemble_mode.as_deref(), entry)?;
-    if let Some(f) = req.output_format.as_deref().filter(|f| *f != "png") {
-        return Err(ApiError::invalid(
-            "output_format",
-            format!("output_format '{f}' is not supported; only 'png'"),
-        ));
-    }
+    let output = parse_output(
+        req.output_format.as_deref(),
+        req.output_compression,
+        req.partial_images,
+    )?;
     let (attention_maps, maps) = parse_maps(req.return_attention_maps.as_ref(), entry)?;
     if maps.is_some() && !mode_has_maps(&mode) {
         return Err(ApiError::invalid(
@@ -225,6 +243,7 @@ pub fn validate(
         scheduler,
         strength: init.as_ref().map(|i| i.strength),
         attention_maps,
+        partial_images: output.partial_images,
     };
     // The rules every job obeys (sizes, pixel budget, steps, guidance, prompt lengths, modes,
     // served sizes) live in one place, the worker's validation, used by every entry point.
@@ -266,6 +285,7 @@ pub fn validate(
         guidance_scale: guidance,
         maps,
         stream: req.stream.unwrap_or(false),
+        output,
     })
 }
 
@@ -337,158 +357,10 @@ fn parse_mode(s: Option<&str>, entry: &EnsembleCatalog) -> Result<EnsembleMode, 
     }
 }
 
-/// Bytes one image's maps take: their f32 values while the job runs, plus each asked-for
-/// encoding after base64 (heat maps counted as raw RGB, an upper bound of the PNG).
-fn map_bytes(
-    entry: &EnsembleCatalog,
-    (width, height, steps): (usize, usize, usize),
-    request: MapsRequest,
-    out: &MapsOutput,
-) -> u64 {
-    let Some(points) = request.points() else {
-        return 0;
-    };
-    let copies = match request {
-        MapsRequest::PerStep(_) => steps as u64,
-        _ => 1,
-    };
-    let experts = entry.members.len() as u64;
-    let (lh, lw) = (height.div_ceil(8), width.div_ceil(8));
-    let base64 = |b: u64| b.div_ceil(3) * 4;
-    let mut per_copy = 0u64;
-    for k in points.among(entry.map_downscales.len()) {
-        let ds = entry.map_downscales[k].max(1);
-        let (h, w) = (lh.div_ceil(ds), lw.div_ceil(ds));
-        let values = experts * (h * w) as u64;
-        per_copy += 4 * values;
-        if out.f32 {
-            per_copy += base64(4 * values);
-        }
-        if out.f16 {
-            per_copy += base64(2 * values);
-        }
-        if out.png {
-            let scale = heatmap_scale(w);
-            per_copy += base64((h * scale * w * scale * 3) as u64);
-        }
-    }
-    per_copy * copies
-}
-
-/// `return_attention_maps`: false/null (none), true (averaged, PNG heat maps), or an object.
-/// `blocks` must name aggregation points of `entry`.
-fn parse_maps(
-    v: Option<&Value>,
-    entry: &EnsembleCatalog,
-) -> Result<(MapsRequest, Option<MapsOutput>), ApiError> {
-    const P: &str = "return_attention_maps";
-    let bad = |m: String| ApiError::invalid(P, m);
-    let obj = match v {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok((MapsRequest::Off, None)),
-        Some(Value::Bool(true)) => {
-            let out = MapsOutput {
-                png: true,
-                ..Default::default()
-            };
-            return Ok((MapsRequest::Averaged(MapPoints::ALL), Some(out)));
-        }
-        Some(Value::Object(o)) => o,
-        Some(other) => {
-            return Err(bad(format!(
-                "expected true, false or an object, got {other}"
-            )));
-        }
-    };
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !["steps", "blocks", "format"].contains(&k.as_str()))
-    {
-        return Err(ApiError::invalid(
-            &format!("{P}.{k}"),
-            format!("unknown field '{P}.{k}' (expected steps, blocks, format)"),
-        ));
-    }
-    let per_step = match obj.get("steps").and_then(Value::as_str) {
-        None if obj.get("steps").is_none() => false,
-        Some("mean") => false,
-        Some("all") => true,
-        _ => return Err(bad("steps must be \"mean\" or \"all\"".into())),
-    };
-    let blocks = match obj.get("blocks") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .map(|x| x.as_u64().map(|x| x as usize))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("blocks must be a list of aggregation point indices".into()))?,
-        ),
-        Some(_) => {
-            return Err(bad(
-                "blocks must be a list of aggregation point indices".into()
-            ));
-        }
-    };
-    let formats: Vec<&str> = match obj.get("format") {
-        None => vec!["png"],
-        Some(Value::String(s)) => vec![s.as_str()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| {
-                x.as_str().ok_or_else(|| {
-                    ApiError::invalid(
-                        &format!("{P}.format"),
-                        format!("format entries are strings (png, f32, f16), got {x}"),
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(bad(
-                "format must be \"png\", \"f32\", \"f16\" or a list".into()
-            ));
-        }
-    };
-    let total = entry.map_downscales.len();
-    let points = match &blocks {
-        None => MapPoints::ALL,
-        Some(list) => {
-            if let Some(k) = list.iter().find(|&&k| k >= total) {
-                return Err(ApiError::invalid(
-                    &format!("{P}.blocks"),
-                    format!(
-                        "block {k} does not exist: {} has aggregation points 0..={}",
-                        entry.name,
-                        total.saturating_sub(1)
-                    ),
-                ));
-            }
-            MapPoints::only(list).ok_or_else(|| bad("too many aggregation points".into()))?
-        }
-    };
-    let request = if per_step {
-        MapsRequest::PerStep(points)
-    } else {
-        MapsRequest::Averaged(points)
-    };
-    let mut out = MapsOutput::default();
-    for f in &formats {
-        match *f {
-            "png" => out.png = true,
-            "f32" => out.f32 = true,
-            "f16" => out.f16 = true,
-            other => return Err(bad(format!("unknown map format '{other}' (png, f32, f16)"))),
-        }
-    }
-    if formats.is_empty() {
-        return Err(bad("format names no format".into()));
-    }
-    Ok((request, Some(out)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::Limits;
+    use crate::worker::{Limits, MapPoints, MapsRequest};
 
     pub(crate) fn catalog() -> Catalog {
         Catalog {
@@ -597,9 +469,19 @@ mod tests {
             ),
             (json!({"prompt": "a", "model": "nope"}), 404, "model"),
             (
-                json!({"prompt": "a", "output_format": "webp"}),
+                json!({"prompt": "a", "output_format": "gif"}),
                 400,
                 "output_format",
+            ),
+            (
+                json!({"prompt": "a", "output_compression": 101}),
+                400,
+                "output_compression",
+            ),
+            (
+                json!({"prompt": "a", "partial_images": 4}),
+                400,
+                "partial_images",
             ),
             (
                 json!({"prompt": "a", "return_attention_maps": 3}),

@@ -7,10 +7,17 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+pub use super::schema_events::*;
+
 /// A PNG file (the bytes themselves).
 #[derive(Debug, Clone, ToSchema)]
 #[schema(value_type = String, format = Binary, content_media_type = "image/png")]
 pub struct PngFile(pub Vec<u8>);
+
+/// An image file (the bytes themselves) in the request's `output_format`.
+#[derive(Debug, Clone, ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct ImageFile(pub Vec<u8>);
 
 /// Every error, on every route.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -67,6 +74,16 @@ pub struct Parameters {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<MapsOption>)]
     pub return_attention_maps: Option<Value>,
+    /// Absent for `png` (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<OutputFormat>)]
+    pub output_format: Option<String>,
+    /// As requested; absent when not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_compression: Option<u64>,
+    /// Absent when 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial_images: Option<u64>,
 }
 
 /// The experts' weights at one aggregation point (averaged over steps, or of one step).
@@ -95,8 +112,18 @@ pub struct AttentionMap {
 pub struct ImageItem {
     pub index: usize,
     pub seed: u64,
-    /// The PNG, base64 (with an A1111-style `parameters` text chunk).
-    pub png_base64: String,
+    /// The PNG, base64 (with an A1111-style `parameters` text chunk): `output_format` `png`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub png_base64: Option<String>,
+    /// The JPEG or WebP file, base64 (the A1111 text in an EXIF UserComment): `output_format`
+    /// `jpeg` or `webp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_base64: Option<String>,
+    /// `png`, `jpeg` or `webp`.
+    #[schema(value_type = OutputFormat)]
+    pub output_format: String,
+    /// `image/png`, `image/jpeg` or `image/webp`.
+    pub content_type: String,
     pub warnings: Vec<String>,
     /// Present when the request asked for attention maps.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -141,7 +168,8 @@ pub struct OpenAiImagesResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     pub model: String,
-    /// Always `png`.
+    /// `png`, `jpeg` or `webp`, as asked.
+    #[schema(value_type = OutputFormat)]
     pub output_format: String,
     /// `WxH`.
     pub size: String,
@@ -170,6 +198,8 @@ pub struct JobImage {
     pub seed: Option<u64>,
     /// `/v1/jobs/<id>/images/<k>`.
     pub url: String,
+    /// `image/png`, `image/jpeg` or `image/webp` (the job's `output_format`).
+    pub content_type: String,
     pub sha256: String,
     pub bytes: u64,
     /// `/v1/jobs/<id>/images/<k>/maps`, when the job asked for maps.
@@ -434,11 +464,15 @@ pub enum SchedulerName {
     DpmPp2mKarras,
 }
 
-/// The only image format.
+/// The images' file format: `png` (the default; A1111 `parameters` text chunk), `jpeg`
+/// (quality = `output_compression`) or `webp` (lossless); JPEG and WebP carry the A1111 text
+/// as an EXIF UserComment.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     Png,
+    Jpeg,
+    Webp,
 }
 
 /// `b64_json` (default) or `url` (the request runs as a stored job; the answer links it).
@@ -450,13 +484,25 @@ pub enum ResponseFormat {
 }
 
 /// Without `steps`: `low` runs half the ensemble's default steps, `auto`/`standard`/`medium`
-/// the default, `high`/`hd` twice it (within the step limit); with `steps`, no effect.
+/// the default, `high`/`hd` twice it, `xhigh` three times, `max` four times (within the step
+/// limit); with `steps`, no effect.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Quality {
     Auto,
     Standard,
     Hd,
+    Low,
+    Medium,
+    High,
+    Xhigh,
+    Max,
+}
+
+/// `low`, `medium` or `high`: accepted, no effect (no planning stage runs here).
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Complexity {
     Low,
     Medium,
     High,
@@ -484,142 +530,4 @@ pub enum Moderation {
 pub enum Style {
     Vivid,
     Natural,
-}
-
-/// `queued` event of the native streams.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct QueuedData {
-    /// Images ahead of this request.
-    pub position: usize,
-}
-
-/// `progress` event of the native streams.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ProgressData {
-    pub step: usize,
-    pub total: usize,
-}
-
-/// `queued` event of a job's stream.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct JobQueuedData {
-    #[schema(value_type = JobStatusName)]
-    pub status: String,
-    #[schema(required = true)]
-    pub position: Option<usize>,
-}
-
-/// `progress` event of a job's stream.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct JobProgressData {
-    /// Always `running`.
-    pub status: String,
-    pub step: usize,
-    #[schema(required = true)]
-    pub total: Option<usize>,
-}
-
-/// `image_generation.progress` event of the OpenAI stream.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct OpenAiProgressData {
-    /// Always `image_generation.progress`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[schema(required = true)]
-    pub queue_position: Option<usize>,
-    pub step: usize,
-    pub total: usize,
-}
-
-/// `image_generation.completed` event of the OpenAI stream (one per image; no `usage`: a
-/// diffusion model counts no tokens).
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct OpenAiCompletedData {
-    /// Always `image_generation.completed`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub b64_json: String,
-    /// Unix seconds.
-    pub created_at: u64,
-    pub size: String,
-    pub quality: String,
-    /// Always `opaque`.
-    pub background: String,
-    /// Always `png`.
-    pub output_format: String,
-    pub index: usize,
-    pub seed: u64,
-    pub warnings: Vec<String>,
-}
-
-/// The events of one stream: `(event name, the schemas its data may have)`.
-pub type StreamEvents = &'static [(&'static str, &'static [&'static str])];
-
-/// The event-stream schemas (OpenAPI 3.1 describes a `text/event-stream` by one event:
-/// `event` names it, `data` is JSON of the named schema), as `(component, [(event, data)])`.
-pub const EVENT_STREAMS: [(&str, StreamEvents); 3] = [
-    (
-        "NativeStreamEvent",
-        &[
-            ("queued", &["QueuedData"]),
-            ("progress", &["ProgressData"]),
-            ("result", &["NativeResponse"]),
-            ("error", &["ErrorEnvelope"]),
-        ],
-    ),
-    (
-        "OpenAiStreamEvent",
-        &[
-            ("image_generation.progress", &["OpenAiProgressData"]),
-            ("image_generation.completed", &["OpenAiCompletedData"]),
-            ("error", &["ErrorEnvelope"]),
-        ],
-    ),
-    (
-        "JobStreamEvent",
-        &[
-            ("queued", &["JobQueuedData"]),
-            ("progress", &["JobProgressData"]),
-            ("result", &["JobView"]),
-            // A failed or cancelled job's view, or the envelope when the job vanished.
-            ("error", &["JobView", "ErrorEnvelope"]),
-        ],
-    ),
-];
-
-/// The schema of one event of a stream in [`EVENT_STREAMS`].
-pub fn event_stream_schema(events: &[(&str, &[&str])]) -> utoipa::openapi::Schema {
-    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, OneOfBuilder, Type};
-    use utoipa::openapi::{Ref, RefOr};
-    let mut one_of = OneOfBuilder::new();
-    for (name, data) in events {
-        let content: RefOr<utoipa::openapi::Schema> = match data {
-            [one] => Ref::from_schema_name(*one).into(),
-            many => {
-                let mut any = AnyOfBuilder::new();
-                for d in many.iter() {
-                    any = any.item(Ref::from_schema_name(*d));
-                }
-                utoipa::openapi::Schema::AnyOf(any.build()).into()
-            }
-        };
-        let event = ObjectBuilder::new()
-            .property(
-                "event",
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .enum_values(Some([*name])),
-            )
-            .property(
-                "data",
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .content_media_type("application/json")
-                    .content_schema(Some(content)),
-            )
-            .required("event")
-            .required("data");
-        one_of = one_of.item(event);
-    }
-    one_of.build().into()
 }

@@ -1,7 +1,9 @@
-//! Server-Sent Events for a running job: queue position and step progress, then the result,
-//! with `:` keep-alive comments so proxies keep idle streams open. The native flavour sends
-//! `queued`, `progress`, `result` (the `/generate` JSON) and `error`; the OpenAI flavour sends
-//! `image_generation.progress` and one `image_generation.completed` per image. Closing the
+//! Server-Sent Events for a running job: queue position and step progress, previews
+//! (`partial_images`), then the result, with `:` keep-alive comments so proxies keep idle
+//! streams open. The native flavour sends `queued`, `progress`, `preview`, `result` (the
+//! `/generate` JSON) and `error`; the OpenAI flavour sends `image_generation.progress`,
+//! `image_generation.partial_image` and one `image_generation.completed` per image. Images and
+//! previews are encoded in the request's `output_format` on the encode stage. Closing the
 //! stream (the client went away) drops the `JobTicket`, which cancels the job.
 use std::convert::Infallible;
 use std::time::Instant;
@@ -17,12 +19,15 @@ use serde_json::{Value, json};
 use super::ApiState;
 use super::error::ApiError;
 use super::generate::{Admitted, DisconnectGuard, record_timings};
+use super::media::{image_base64, preview_data, preview_file};
 use super::output::render_blocking;
 use super::output::{native_json, unix_now};
 use super::quota::QuotaGuard;
 use super::request::Validated;
-use super::schema::{OpenAiCompletedData, OpenAiProgressData, ProgressData, QueuedData};
-use crate::worker::{JobEvent, JobOutput, JobTicket};
+use super::schema::{
+    OpenAiCompletedData, OpenAiPartialImageData, OpenAiProgressData, ProgressData, QueuedData,
+};
+use crate::worker::{JobEvent, JobOutput, JobTicket, Raster};
 
 /// Which event vocabulary to speak.
 pub enum Flavor {
@@ -46,6 +51,8 @@ struct Running {
     flavor: Flavor,
     guard: DisconnectGuard,
     started: Instant,
+    /// Previews sent so far, per image of the request.
+    previews_sent: Vec<usize>,
 }
 
 /// One Server-Sent Event: `event: name`, `data:` the JSON on one line (every SSE route's).
@@ -65,7 +72,9 @@ pub(super) fn sse_response(
     flavor: Flavor,
 ) -> Response {
     let keep_alive = state.config.keep_alive;
+    let n = validated.job.images.len();
     let running = Running {
+        previews_sent: vec![0; n],
         guard: DisconnectGuard::new(state.metrics.clone()),
         state,
         validated,
@@ -89,6 +98,15 @@ pub(super) fn sse_response(
             }
             JobEvent::Progress { step, total } => {
                 let events = progress_events(&run.flavor, None, Some((step, total)));
+                Some((events, Some(run)))
+            }
+            JobEvent::Preview {
+                index,
+                step,
+                total,
+                raster,
+            } => {
+                let events = preview_event(&mut run, index, (step, total), raster).await;
                 Some((events, Some(run)))
             }
             JobEvent::Finished(result) => {
@@ -133,6 +151,52 @@ fn progress_events(
     }
 }
 
+/// The event of one preview (image `index` after `step` of `total`), in the flavour's
+/// vocabulary and the request's format.
+async fn preview_event(
+    run: &mut Running,
+    index: usize,
+    (step, total): (usize, usize),
+    raster: Raster,
+) -> Vec<Event> {
+    let Some(sent) = run.previews_sent.get_mut(index) else {
+        return vec![];
+    };
+    let partial_image_index = *sent;
+    *sent += 1;
+    let encoding = run.validated.output.encoding;
+    let file = match render_blocking(move || preview_file(&raster, encoding)).await {
+        Ok(f) => B64.encode(f),
+        Err(e) => {
+            tracing::error!("{e:?}");
+            return vec![];
+        }
+    };
+    let format = encoding.format;
+    match &run.flavor {
+        Flavor::Native { .. } => {
+            let data = preview_data((index, partial_image_index), (step, total), format, file);
+            vec![event("preview", &json!(data))]
+        }
+        Flavor::OpenAi { quality, .. } => {
+            let data = OpenAiPartialImageData {
+                kind: "image_generation.partial_image".into(),
+                b64_json: file,
+                partial_image_index,
+                created_at: unix_now(),
+                size: format!("{}x{}", run.validated.job.width, run.validated.job.height),
+                quality: quality.clone(),
+                background: "opaque".into(),
+                output_format: format.as_str().into(),
+                index,
+                step,
+                total,
+            };
+            vec![event("image_generation.partial_image", &json!(data))]
+        }
+    }
+}
+
 async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
     record_timings(&run.state.metrics, &output);
     let route = match run.flavor {
@@ -159,28 +223,30 @@ async fn finished_events(run: &mut Running, output: JobOutput) -> Vec<Event> {
         }
         Flavor::OpenAi { warnings, quality } => {
             let size = format!("{}x{}", run.validated.job.width, run.validated.job.height);
-            let (warnings, quality) = (warnings.clone(), quality.clone());
+            let warnings = [&run.validated.output.warnings[..], warnings].concat();
+            let quality = quality.clone();
+            let encoding = run.validated.output.encoding;
             let rendered = render_blocking(move || {
-                Ok(output
+                output
                     .images
                     .iter()
                     .enumerate()
                     .map(|(index, img)| {
-                        json!(OpenAiCompletedData {
+                        Ok(json!(OpenAiCompletedData {
                             kind: "image_generation.completed".into(),
-                            b64_json: B64.encode(&img.png),
+                            b64_json: image_base64(img, encoding)?,
                             created_at: unix_now(),
                             size: size.clone(),
                             quality: quality.clone(),
                             background: "opaque".into(),
-                            output_format: "png".into(),
+                            output_format: encoding.format.as_str().into(),
                             index,
                             seed: img.seed,
                             warnings: warnings.clone(),
-                        })
+                        }))
                         // No `usage`: a diffusion model counts no tokens, and zeros would lie.
                     })
-                    .collect::<Vec<Value>>())
+                    .collect::<Result<Vec<Value>, ApiError>>()
             })
             .await;
             match rendered {

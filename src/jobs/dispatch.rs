@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-use super::service::JobService;
+use super::service::{JobService, LivePreview};
 use crate::store::{ArtifactFile, JobRow};
 use crate::worker::{
     Catalog, GenerationJob, JobError, JobEvent, JobOutput, JobTicket, SubmitError, WorkerHandle,
@@ -171,6 +171,21 @@ async fn follow<C: JobCodec>(
                 l.position = None;
                 l.step = step;
                 l.total = total;
+            }),
+            Some(JobEvent::Preview {
+                index,
+                step,
+                total,
+                raster,
+            }) => jobs.publish(&id, |l| {
+                let seq = l.preview.as_ref().map_or(0, |p| p.seq) + 1;
+                l.preview = Some(LivePreview {
+                    seq,
+                    index,
+                    step,
+                    total,
+                    raster: Arc::new(raster),
+                });
             }),
             Some(JobEvent::Finished(Ok(output))) => {
                 codec.finished(&output);

@@ -7,5 +7,5 @@ mod service;
 mod sweep;
 
 pub use dispatch::{JobCodec, run_dispatcher};
-pub use service::{JobService, JobsConfig, Live};
+pub use service::{JobService, JobsConfig, Live, LivePreview};
 pub use sweep::{run_sweeper, sweep};

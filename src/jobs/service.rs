@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::store::{Artifacts, JobStore};
+use crate::worker::Raster;
 
 /// Settings of the job service.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,6 +38,20 @@ pub struct Live {
     pub position: Option<usize>,
     pub step: usize,
     pub total: usize,
+    /// The latest preview (`partial_images`), if any came.
+    pub preview: Option<LivePreview>,
+}
+
+/// A preview of a running job's image: the predicted clean image after step `step`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivePreview {
+    /// Counts the job's previews from 1, so a follower sees which it has sent.
+    pub seq: usize,
+    /// The image's index in the job.
+    pub index: usize,
+    pub step: usize,
+    pub total: usize,
+    pub raster: Arc<Raster>,
 }
 
 struct LiveEntry {

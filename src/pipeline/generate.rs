@@ -11,6 +11,7 @@ use super::maps::{CollectedMaps, MapCollector};
 use super::noise::BatchNoise;
 use super::params::{BatchRequest, Limits, MapsRequest, sampler_display_name};
 use super::png::{PngParameters, encode_png};
+use super::preview;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
 use crate::schedulers::SchedulerConfig;
@@ -37,6 +38,14 @@ pub trait Observer {
     fn is_image_cancelled(&self, _index: usize) -> bool {
         false
     }
+    /// The images (indices in the request) that want a preview after step `done` of `total`
+    /// (see `preview.rs`); none by default.
+    fn previews_wanted(&self, _done: usize, _total: usize) -> Vec<usize> {
+        Vec::new()
+    }
+    /// The preview of image `index` after step `done` of `total`: 8-bit RGB, row-major, at
+    /// the batch's width and height.
+    fn preview(&mut self, _index: usize, _done: usize, _total: usize, _rgb: Vec<u8>) {}
 }
 
 /// An observer that watches nothing.
@@ -63,6 +72,8 @@ pub struct GeneratedImage {
     pub rgb: Vec<u8>,
     /// PNG file bytes with the `parameters` chunk.
     pub png: Vec<u8>,
+    /// The text of that chunk (other formats carry it in their own metadata).
+    pub parameters: String,
     /// Things the caller should surface (for example a truncated prompt).
     pub warnings: Vec<String>,
 }
@@ -241,11 +252,22 @@ impl<D: Denoiser> SdPipeline<D> {
             if i == start && observer.wants_tensors() {
                 observer.tensor("noise_pred_step0", &guided)?;
             }
+            let progress = (i, i + 1 - start, steps - start);
+            let preview = preview::predict(
+                &*scheduler,
+                observer,
+                (&guided, &latents),
+                progress,
+                &active,
+            )?;
             latents = scheduler.step(&guided, i, &latents, &mut noise)?;
             if let Some(init) = &init {
                 latents = init.restore_known(latents, scheduler.as_ref(), i, steps)?;
             }
             observer.step(i + 1 - start, steps - start);
+            if let Some(preview) = preview {
+                preview.send(&self.vae, observer)?;
+            }
         }
         timings.denoise = started.elapsed();
         if observer.wants_tensors() {
@@ -290,6 +312,7 @@ impl<D: Denoiser> SdPipeline<D> {
                 height: req.height,
                 rgb,
                 png,
+                parameters: params.to_a1111_text(),
                 warnings: std::mem::take(&mut warnings[k]),
             });
         }

@@ -1,7 +1,10 @@
-//! Synchronous text -> image (and image -> image, inpainting) for one homogeneous batch:
-//! validated parameters, per-image seeded noise, classifier-free guidance batched as
-//! [uncond; cond], the sampler loop, VAE decode, and PNG encoding with A1111-style metadata. Knows nothing of HTTP or async code.
+//! Synchronous text -> image (and image -> image, inpainting: `init_image.rs`) for one
+//! homogeneous batch: validated parameters, per-image seeded noise, classifier-free guidance
+//! batched as [uncond; cond], the sampler loop, VAE decode, PNG encoding with A1111-style
+//! metadata (JPEG/WebP in `encode.rs`), and partial-image previews (`preview.rs`). Knows
+//! nothing of HTTP or async code.
 mod denoiser;
+pub mod encode;
 mod generate;
 pub mod image_input;
 mod init_image;
@@ -9,8 +12,10 @@ pub mod maps;
 pub mod noise;
 mod params;
 pub mod png;
+pub mod preview;
 
 pub use denoiser::{DenoiseStep, Denoiser, SingleUNet};
+pub use encode::{Encoding, ImageFormat, Raster};
 pub use generate::{BatchOutput, GeneratedImage, Observer, SdPipeline, StageTimings, to_rgb8};
 pub use init_image::{InitImage, Strength};
 pub use maps::CollectedMaps;

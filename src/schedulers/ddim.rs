@@ -142,4 +142,24 @@ impl Scheduler for Ddim {
         let noise = noise.to_dtype(original.dtype())?;
         Ok((mul_scalar(original, a_t.sqrt())? + mul_scalar(&noise, (1.0f32 - a_t).sqrt())?)?)
     }
+
+    fn predicted_original(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor, SchedulerError> {
+        check_step(model_output, sample, step_index, self.timesteps.len())?;
+        let (a_t, _) = self.alphas[step_index];
+        let (sa, sb) = (a_t.sqrt(), (1.0f32 - a_t).sqrt());
+        let mo = model_output.to_dtype(sample.dtype())?;
+        let mut x0 = match self.prediction {
+            PredictionType::Epsilon => div_scalar(&(sample - mul_scalar(&mo, sb)?)?, sa)?,
+            PredictionType::VPrediction => (mul_scalar(sample, sa)? - mul_scalar(&mo, sb)?)?,
+        };
+        if let Some(r) = self.clip {
+            x0 = x0.clamp(-r, r)?;
+        }
+        Ok(x0.to_dtype(model_output.dtype())?)
+    }
 }

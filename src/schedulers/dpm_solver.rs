@@ -231,6 +231,24 @@ impl Scheduler for DpmSolverMultistep {
         Ok(())
     }
 
+    fn predicted_original(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor, SchedulerError> {
+        check_step(model_output, sample, step_index, self.timesteps.len())?;
+        let dt_work = work_dtype(sample);
+        let x = sample.to_dtype(dt_work)?;
+        let mo = model_output.to_dtype(dt_work)?;
+        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[step_index]);
+        let x0 = match self.prediction {
+            PredictionType::Epsilon => div_scalar(&(&x - mul_scalar(&mo, sigma)?)?, alpha)?,
+            PredictionType::VPrediction => (mul_scalar(&x, alpha)? - mul_scalar(&mo, sigma)?)?,
+        };
+        Ok(x0.to_dtype(model_output.dtype())?)
+    }
+
     fn retain_rows(&mut self, rows: &Tensor) -> Result<(), SchedulerError> {
         if let Some(prev) = self.prev_x0.take() {
             self.prev_x0 = Some(prev.index_select(rows, 0)?);

@@ -147,4 +147,25 @@ impl Scheduler for EulerAncestral {
         let noise = noise.to_dtype(original.dtype())?;
         Ok((original + mul_scalar(&noise, self.sigmas[step_index])?)?)
     }
+
+    fn predicted_original(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor, SchedulerError> {
+        check_step(model_output, sample, step_index, self.timesteps.len())?;
+        let dt_work = work_dtype(sample);
+        let x = sample.to_dtype(dt_work)?;
+        let mo = model_output.to_dtype(dt_work)?;
+        let sigma = self.sigmas[step_index];
+        let x0 = match self.prediction {
+            PredictionType::Epsilon => (&x - mul_scalar(&mo, sigma)?)?,
+            PredictionType::VPrediction => {
+                let s2 = sigma * sigma + 1.0;
+                (mul_scalar(&mo, -sigma / s2.sqrt())? + div_scalar(&x, s2)?)?
+            }
+        };
+        Ok(x0.to_dtype(model_output.dtype())?)
+    }
 }

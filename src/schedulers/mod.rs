@@ -261,6 +261,16 @@ pub trait Scheduler: Send {
     fn begin_at(&mut self, _step_index: usize) -> Result<(), SchedulerError> {
         Ok(())
     }
+    /// The clean image x0 the model output predicts at step `step_index` (diffusers'
+    /// `pred_original_sample` of that step): `model_output` and `sample` [B, C, H, W], the
+    /// same tensors `step` takes; returns [B, C, H, W] in `model_output`'s dtype. Reads no
+    /// per-job state and changes none, so calling it never changes the sampled image.
+    fn predicted_original(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor, SchedulerError>;
     /// Keeps only these batch rows of any per-sample state (images dropped mid-run).
     fn retain_rows(&mut self, _rows: &Tensor) -> Result<(), SchedulerError> {
         Ok(())

@@ -23,7 +23,7 @@ pub struct Artifacts {
 #[derive(Debug, Clone)]
 pub struct ArtifactFile {
     pub index: usize,
-    /// `png` or `maps`.
+    /// `png`, `jpeg`, `webp` (the image) or `maps`.
     pub kind: &'static str,
     pub bytes: Vec<u8>,
 }

@@ -94,7 +94,7 @@ pub struct JobRow {
 pub struct ArtifactRow {
     pub job_id: String,
     pub index: usize,
-    /// `png` or `maps`.
+    /// `png`, `jpeg`, `webp` (the image) or `maps`.
     pub kind: String,
     /// Relative to the data dir.
     pub path: String,

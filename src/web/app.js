@@ -408,9 +408,10 @@ class JobCard {
   }
 
   showPreview(data) {
-    const b64 = data && (data.png_base64 || data.b64_json || data.image);
+    const b64 = data && (data.png_base64 || data.image_base64 || data.b64_json);
     if (typeof b64 !== 'string') return;
-    this.preview.src = `data:image/png;base64,${b64}`;
+    const type = { jpeg: 'image/jpeg', webp: 'image/webp' }[data.output_format] || 'image/png';
+    this.preview.src = `data:${type};base64,${b64}`;
     this.preview.hidden = false;
   }
 

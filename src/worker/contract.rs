@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::ensemble::EnsembleMode;
-use crate::pipeline::{ImageSpec, MapsRequest, Strength};
+use crate::pipeline::{ImageSpec, MapsRequest, Raster, Strength};
 use crate::schedulers::SchedulerKind;
 
 /// One validated generation request: `images.len()` images (n) of one ensemble, with every
@@ -21,6 +21,9 @@ pub struct GenerationJob {
     /// Image-to-image / inpainting: every image carries an init image.
     pub strength: Option<Strength>,
     pub attention_maps: MapsRequest,
+    /// Previews per image while it denoises (0..=3; `JobEvent::Preview`). Not part of the
+    /// batch key: images with and without previews share batches.
+    pub partial_images: usize,
 }
 
 impl GenerationJob {
@@ -78,6 +81,9 @@ impl ImageMap {
 pub struct ImageResult {
     pub seed: u64,
     pub png: Vec<u8>,
+    /// The pixels and parameters text behind `png`, for the other formats (encoded off the
+    /// executor, by whoever answers).
+    pub raster: Raster,
     pub warnings: Vec<String>,
     /// Present when the job asked for attention maps and the mode has them.
     pub attention_maps: Option<Vec<ImageMap>>,
@@ -126,6 +132,14 @@ pub enum JobEvent {
     Progress {
         step: usize,
         total: usize,
+    },
+    /// A preview of image `index` of the job after step `step` of `total` (the predicted clean
+    /// image; `raster.parameters` is empty).
+    Preview {
+        index: usize,
+        step: usize,
+        total: usize,
+        raster: Raster,
     },
     Finished(Result<JobOutput, JobError>),
 }

@@ -288,6 +288,12 @@ impl Engine for RegistryEngine {
         for (p, image) in output.images.into_iter().enumerate() {
             results[image.index] = Some(ImageResult {
                 seed: image.seed,
+                raster: crate::pipeline::Raster {
+                    width: image.width,
+                    height: image.height,
+                    rgb: image.rgb,
+                    parameters: image.parameters,
+                },
                 png: image.png,
                 warnings: image.warnings,
                 attention_maps: maps.as_ref().map(|m| m[p].clone()),

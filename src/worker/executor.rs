@@ -11,7 +11,8 @@ use super::contract::{JobError, JobEvent, JobOutput};
 use super::engine::{BatchOutcome, Catalog, Engine};
 use super::handle::{DeviceLoader, DeviceState, Shared, State};
 use super::queue::WorkItem;
-use crate::pipeline::Observer;
+use crate::pipeline::preview::preview_steps;
+use crate::pipeline::{Observer, Raster};
 
 /// Device `index`'s thread: load, warm up, then run batches until shut down.
 pub(super) fn run_device(shared: Arc<Shared>, index: usize, device: DeviceLoader) {
@@ -175,6 +176,40 @@ impl Observer for BatchObserver<'_> {
             if let Some(job) = state.jobs.get(&item.job_id) {
                 let _ = job.tx.send(JobEvent::Progress { step: done, total });
             }
+        }
+    }
+
+    fn previews_wanted(&self, done: usize, total: usize) -> Vec<usize> {
+        let state = self.shared.lock();
+        self.items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| {
+                state
+                    .jobs
+                    .get(&item.job_id)
+                    .is_some_and(|job| preview_steps(job.partial_images, total).contains(&done))
+            })
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    fn preview(&mut self, index: usize, done: usize, total: usize, rgb: Vec<u8>) {
+        let item = &self.items[index];
+        let state = self.shared.lock();
+        if let Some(job) = state.jobs.get(&item.job_id) {
+            let raster = Raster {
+                width: item.key.width,
+                height: item.key.height,
+                rgb,
+                parameters: String::new(),
+            };
+            let _ = job.tx.send(JobEvent::Preview {
+                index: item.image_index,
+                step: done,
+                total,
+                raster,
+            });
         }
     }
 

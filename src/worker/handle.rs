@@ -118,6 +118,8 @@ pub(super) struct JobState {
     pub(super) timings: JobTimings,
     pub(super) experts: Vec<String>,
     pub(super) accepted_at: Instant,
+    /// Previews each of its images asked for (0: none).
+    pub(super) partial_images: usize,
 }
 
 /// Everything behind the worker's one lock.
@@ -336,6 +338,7 @@ impl WorkerHandle {
                 timings: JobTimings::default(),
                 experts: Vec::new(),
                 accepted_at: now,
+                partial_images: job.partial_images,
             },
         );
         drop(state);

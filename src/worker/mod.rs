@@ -12,7 +12,10 @@ pub mod queue;
 pub use crate::ensemble::EnsembleMode;
 pub use crate::pipeline::image_input;
 pub use crate::pipeline::maps::{heatmap_scale, legend_text};
-pub use crate::pipeline::{ImageSpec, InitImage, Limits, MapPoints, MapsRequest, Strength};
+pub use crate::pipeline::preview::MAX_PARTIAL_IMAGES;
+pub use crate::pipeline::{
+    Encoding, ImageFormat, ImageSpec, InitImage, Limits, MapPoints, MapsRequest, Raster, Strength,
+};
 pub use crate::schedulers::SchedulerKind;
 pub use contract::{
     BatchKey, GenerationJob, ImageMap, ImageResult, JobError, JobEvent, JobOutput, JobTimings,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use afa::api::{ApiConfig, ApiState, router, serve_http};
-use afa::pipeline::{ImageSpec, Limits, Observer};
+use afa::pipeline::{ImageSpec, Limits, Observer, Raster};
 use afa::schedulers::SchedulerKind;
 use afa::worker::{
     BatchKey, BatchOutcome, Catalog, Engine, EngineLoader, EnsembleCatalog, ImageResult, JobError,
@@ -190,6 +190,11 @@ impl Engine for FakeEngine {
             }
             std::thread::sleep(Duration::from_millis(c.step_ms.load(Ordering::SeqCst)));
             observer.step(step + 1, key.steps);
+            // Previews as the executor asks for them: a flat grey of the batch's size.
+            for i in observer.previews_wanted(step + 1, key.steps) {
+                let rgb = vec![(step * 10) as u8; key.width * key.height * 3];
+                observer.preview(i, step + 1, key.steps, rgb);
+            }
         }
         let out = images
             .iter()
@@ -201,6 +206,12 @@ impl Engine for FakeEngine {
                     ImageResult {
                         seed: spec.seed,
                         png: afa::pipeline::png::encode_rgb_png(&rgb, 8, 8, None).unwrap(),
+                        raster: Raster {
+                            width: 8,
+                            height: 8,
+                            rgb,
+                            parameters: format!("{}\nSeed: {}", spec.prompt, spec.seed),
+                        },
                         warnings: vec![],
                         attention_maps: None,
                     }

@@ -56,6 +56,7 @@ pub fn job(prompt: &str, n: usize, seed: u64) -> GenerationJob {
         scheduler: SchedulerKind::Ddim,
         strength: None,
         attention_maps: MapsRequest::Off,
+        partial_images: 0,
     }
 }
 
