@@ -35,7 +35,7 @@ pub struct ServeSettings {
     /// Overrides every ensemble's dtype when set.
     pub dtype: Option<DType>,
     /// The job database (`sqlite://path`).
-    pub database_url: String,
+    pub database_url: crate::store::DatabaseUrl,
     /// Where job artifacts are written.
     pub data_dir: PathBuf,
     pub jobs: JobsConfig,
@@ -69,7 +69,7 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
 
 /// Opens, migrates and recovers the job store.
 async fn open_jobs(settings: &ServeSettings) -> anyhow::Result<Arc<JobService>> {
-    let store = JobStore::open(&settings.database_url)
+    let store = JobStore::open(settings.database_url.expose())
         .await
         .with_context(|| format!("opening the job database {}", settings.database_url))?;
     let artifacts = Artifacts::open(&settings.data_dir)

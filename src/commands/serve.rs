@@ -12,6 +12,7 @@ use super::device::{DeviceArg, DtypeArg, select_devices};
 use crate::api::ApiKeys;
 use crate::app::{ServeSettings, serve};
 use crate::jobs::JobsConfig;
+use crate::store::DatabaseUrl;
 use crate::worker::WorkerConfig;
 
 /// A secret from the command line or environment; Debug never shows it.
@@ -76,9 +77,15 @@ pub struct ServeArgs {
     /// Weight precision for every ensemble (default: each ensemble's `dtype` in models.toml).
     #[arg(long, env = "AFA_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
-    /// The job database (`sqlite://path`; created and migrated at start-up).
-    #[arg(long, env = "AFA_DATABASE_URL", default_value = "sqlite://afa.db")]
-    pub database_url: String,
+    /// The job database: `sqlite://path` (one machine; created when missing) or
+    /// `postgres://user:password@host/db` (replicas sharing one queue); migrated at start-up.
+    #[arg(
+        long,
+        env = "AFA_DATABASE_URL",
+        default_value = "sqlite://afa.db",
+        hide_env_values = true
+    )]
+    pub database_url: DatabaseUrl,
     /// Where job artifacts (images, attention-map bundles) are written.
     #[arg(long, env = "AFA_DATA_DIR", default_value = "./afa-data")]
     pub data_dir: PathBuf,
@@ -168,7 +175,7 @@ mod tests {
         let s = settings(&t.serve).unwrap();
         assert_eq!(s.worker.max_batch, 1);
         assert!(!format!("{s:?}").contains("k2"));
-        assert_eq!(s.database_url, "sqlite://afa.db");
+        assert_eq!(s.database_url.expose(), "sqlite://afa.db");
         assert_eq!(s.jobs.max_attempts, 3);
     }
 

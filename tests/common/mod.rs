@@ -172,3 +172,4 @@ impl Observer for Capture {
         Ok(())
     }
 }
+pub mod postgres;
