@@ -63,6 +63,7 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
         "auth": !s.api_keys.is_empty(),
         "result_ttl_s": s.jobs.result_ttl.as_secs(),
         "job_max_attempts": s.jobs.max_attempts,
+        "job_lease_s": s.jobs.lease.as_secs(),
         "devices": s.devices.iter().map(device_name).collect::<Vec<_>>(),
     })
 }

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// A job interrupted or failing this many times ends `failed`.
     #[arg(long, env = "AFA_JOB_MAX_ATTEMPTS", default_value_t = 3)]
     pub job_max_attempts: u32,
+    /// Lease on a running job, in seconds: renewed every third of it; the jobs of a replica
+    /// that stops renewing return to the queue this long after its last renewal.
+    #[arg(long, env = "AFA_JOB_LEASE_S", default_value_t = 30)]
+    pub job_lease_s: u64,
 }
 
 /// Turns flags into settings (checks ranges; does not touch the network or models).
@@ -108,8 +112,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
     if args.request_timeout_s == 0 {
         bail!("--request-timeout-s must be at least 1");
     }
-    if args.result_ttl_s == 0 || args.job_max_attempts == 0 {
-        bail!("--result-ttl-s and --job-max-attempts must be at least 1");
+    if args.result_ttl_s == 0 || args.job_max_attempts == 0 || args.job_lease_s == 0 {
+        bail!("--result-ttl-s, --job-max-attempts and --job-lease-s must be at least 1");
     }
     let devices = select_devices(args.device, &args.devices)?;
     let dtype = match args.dtype {
@@ -135,6 +139,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             max_attempts: args.job_max_attempts,
             result_ttl: Duration::from_secs(args.result_ttl_s),
             url_wait: Duration::from_secs(args.request_timeout_s),
+            lease: Duration::from_secs(args.job_lease_s),
         },
     })
 }

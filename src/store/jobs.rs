@@ -428,14 +428,18 @@ impl JobStore {
         }
     }
 
-    /// Start-up recovery: a `running` job without a lease (run by a one-process server) or
-    /// with an expired one was interrupted. Jobs with attempts left go back to `queued`
-    /// (keeping their place); the others fail with a reason. Jobs other replicas hold under a
-    /// live lease are left alone.
+    /// Start-up recovery. On SQLite (one file, one server) every `running` job was
+    /// interrupted by the previous process; on PostgreSQL those without a lease or with an
+    /// expired one were (jobs other replicas hold under a live lease are left alone). Jobs with
+    /// attempts left go back to `queued` (keeping their place); the others fail with a reason.
     pub async fn recover(&self, max_attempts: u32) -> StoreResult<Recovery> {
+        let cond = match self.backend() {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some("lease_expires_at IS NULL OR lease_expires_at < ?"),
+        };
         let (requeued, failed) = self
             .return_interrupted(
-                "lease_expires_at IS NULL OR lease_expires_at < ?",
+                cond,
                 max_attempts,
                 "interrupted by a server restart; run again",
             )

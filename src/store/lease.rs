@@ -172,7 +172,7 @@ impl JobStore {
                 )
                 .await?;
             for m in more {
-                if total + m.images <= limit.images {
+                if total.saturating_add(m.images) <= limit.images {
                     total += m.images;
                     picked.push(m.id);
                 }
@@ -337,7 +337,7 @@ impl JobStore {
     pub async fn reap_expired(&self, max_attempts: u32) -> StoreResult<Reaped> {
         let (requeued, failed) = self
             .return_interrupted(
-                "lease_expires_at < ?",
+                Some("lease_expires_at < ?"),
                 max_attempts,
                 "its lease expired (the replica running it stopped); run again",
             )
@@ -345,25 +345,29 @@ impl JobStore {
         Ok(Reaped { requeued, failed })
     }
 
-    /// `running` jobs matching `cond` (one `?`: now) back to `queued`, or `failed` past
-    /// `max_attempts`; the ids (requeued, failed), in queue order. The attempt that was
-    /// interrupted was counted when the job was claimed.
+    /// `running` jobs matching `cond` (one `?`: now; `None`: all of them) back to `queued`, or
+    /// `failed` past `max_attempts`; the ids (requeued, failed), in queue order. The attempt
+    /// that was interrupted was counted when the job was claimed.
     pub(super) async fn return_interrupted(
         &self,
-        cond: &str,
+        cond: Option<&str>,
         max_attempts: u32,
         reason: &str,
     ) -> StoreResult<(Vec<String>, Vec<String>)> {
         let now = now_ms();
+        let (cond, values) = match cond {
+            Some(c) => (format!(" AND ({c})"), args![now]),
+            None => (String::new(), vec![]),
+        };
         let mut tx = self.db().begin().await?;
         let rows: Vec<Held> = tx
             .fetch_all(
                 &format!(
-                    "SELECT {HELD} FROM jobs WHERE status = 'running' AND ({cond}) \
+                    "SELECT {HELD} FROM jobs WHERE status = 'running'{cond} \
                      ORDER BY queue_order{}",
                     self.row_lock()
                 ),
-                args![now],
+                values,
             )
             .await?;
         let (mut requeued, mut failed) = (Vec::new(), Vec::new());
