@@ -435,11 +435,14 @@ impl JobStore {
     pub async fn recover(&self, max_attempts: u32) -> StoreResult<Recovery> {
         let cond = match self.backend() {
             Backend::Sqlite => None,
-            Backend::Postgres => Some("lease_expires_at IS NULL OR lease_expires_at < ?"),
+            Backend::Postgres => Some(format!(
+                "lease_expires_at IS NULL OR lease_expires_at < {}",
+                self.db_now()
+            )),
         };
         let (requeued, failed) = self
             .return_interrupted(
-                cond,
+                cond.as_deref(),
                 max_attempts,
                 "interrupted by a server restart; run again",
             )

@@ -3,6 +3,7 @@
 //! random `lease_id` and `lease_expires_at`. On PostgreSQL the claim locks its rows with
 //! `FOR UPDATE SKIP LOCKED`, so concurrent claimers take disjoint jobs without waiting for each
 //! other; on SQLite the claim is one `BEGIN IMMEDIATE` transaction (one file, one writer).
+//! Lease times come from the database's clock, so replicas' clocks need not agree.
 //! The holder renews its leases while the jobs run ([`JobStore::renew`], which also reports
 //! the jobs cancelled or lost meanwhile); a lease nobody renewed returns its job to the queue
 //! ([`JobStore::reap_expired`]), or fails it once it used up its attempts. Every transition a
@@ -125,6 +126,15 @@ fn placeholders(n: usize) -> String {
 }
 
 impl JobStore {
+    /// The database's clock in unix milliseconds, as SQL. Lease times are taken from it, not
+    /// from the replicas' clocks: a replica whose clock runs behind cannot reap a live lease.
+    pub(super) fn db_now(&self) -> &'static str {
+        match self.backend() {
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        }
+    }
+
     /// `FOR UPDATE SKIP LOCKED` where the backend has row locks.
     fn row_lock(&self) -> &'static str {
         match self.backend() {
@@ -178,18 +188,17 @@ impl JobStore {
                 }
             }
         }
-        let now = now_ms();
-        let expires = now.saturating_add(ms(ttl));
+        let claim_sql = format!(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, \
+             lease_owner = ?, lease_id = ?, lease_expires_at = {} + ? \
+             WHERE id = ? AND status = 'queued'",
+            self.db_now()
+        );
         let mut claims = Vec::with_capacity(picked.len());
         for id in picked {
             let lease_id = random_hex(8)?;
             let n = tx
-                .execute(
-                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
-                     started_at = ?, lease_owner = ?, lease_id = ?, lease_expires_at = ? \
-                     WHERE id = ? AND status = 'queued'",
-                    args![now, owner, &lease_id, expires, &id],
-                )
+                .execute(&claim_sql, args![now_ms(), owner, &lease_id, ms(ttl), &id])
                 .await?;
             if n != 1 {
                 continue;
@@ -222,13 +231,14 @@ impl JobStore {
             return Ok(out);
         }
         let marks = placeholders(held.len());
-        let mut values = args![now_ms().saturating_add(ms(ttl)), owner];
+        let mut values = args![ms(ttl), owner];
         values.extend(held.iter().map(|l| l.lease_id.as_str().into()));
         self.db()
             .execute(
                 &format!(
-                    "UPDATE jobs SET lease_expires_at = ? WHERE status = 'running' \
-                     AND lease_owner = ? AND lease_id IN ({marks})"
+                    "UPDATE jobs SET lease_expires_at = {} + ? WHERE status = 'running' \
+                     AND lease_owner = ? AND lease_id IN ({marks})",
+                    self.db_now()
                 ),
                 values,
             )
@@ -337,7 +347,7 @@ impl JobStore {
     pub async fn reap_expired(&self, max_attempts: u32) -> StoreResult<Reaped> {
         let (requeued, failed) = self
             .return_interrupted(
-                Some("lease_expires_at < ?"),
+                Some(&format!("lease_expires_at < {}", self.db_now())),
                 max_attempts,
                 "its lease expired (the replica running it stopped); run again",
             )
@@ -345,9 +355,9 @@ impl JobStore {
         Ok(Reaped { requeued, failed })
     }
 
-    /// `running` jobs matching `cond` (one `?`: now; `None`: all of them) back to `queued`, or
-    /// `failed` past `max_attempts`; the ids (requeued, failed), in queue order. The attempt
-    /// that was interrupted was counted when the job was claimed.
+    /// `running` jobs matching `cond` (SQL without parameters; `None`: all of them) back to
+    /// `queued`, or `failed` past `max_attempts`; the ids (requeued, failed), in queue order.
+    /// The attempt that was interrupted was counted when the job was claimed.
     pub(super) async fn return_interrupted(
         &self,
         cond: Option<&str>,
@@ -355,10 +365,7 @@ impl JobStore {
         reason: &str,
     ) -> StoreResult<(Vec<String>, Vec<String>)> {
         let now = now_ms();
-        let (cond, values) = match cond {
-            Some(c) => (format!(" AND ({c})"), args![now]),
-            None => (String::new(), vec![]),
-        };
+        let cond = cond.map(|c| format!(" AND ({c})")).unwrap_or_default();
         let mut tx = self.db().begin().await?;
         let rows: Vec<Held> = tx
             .fetch_all(
@@ -367,7 +374,7 @@ impl JobStore {
                      ORDER BY queue_order{}",
                     self.row_lock()
                 ),
-                values,
+                vec![],
             )
             .await?;
         let (mut requeued, mut failed) = (Vec::new(), Vec::new());
