@@ -7,9 +7,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
-use sqlx::{Postgres, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Postgres, Row, Sqlite, SqlitePool, Transaction};
 
 use super::{StoreError, StoreResult};
 
@@ -392,6 +392,14 @@ pub(crate) async fn connect(url: &str) -> StoreResult<Db> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("{shown}: {}", redact_url(&e.to_string()))))?;
+        // One direct connection first: the pool would retry until its timeout and then report
+        // only "pool timed out", hiding "connection refused" or "password authentication
+        // failed".
+        let first = tokio::time::timeout(PG_CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| connect_err(sqlx::Error::PoolTimedOut))?
+            .map_err(connect_err)?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(PG_CONNECT_TIMEOUT)
