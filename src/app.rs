@@ -153,10 +153,14 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
     }
     drain(&worker, settings.shutdown_grace).await;
     let _ = jobs_stop.send(true);
-    // Let followers record the results of finished jobs (unfinished ones are recovered later).
+    // Let followers record the results of finished jobs; unfinished ones go back to the queue.
     let t = std::time::Instant::now();
     while jobs.in_flight() > 0 && t.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let released = jobs.release_held().await;
+    if released > 0 {
+        eprintln!("afa serve: {released} unfinished jobs returned to the queue");
     }
     let _ = stop_tx.send(());
     // Responses of finished work are being written; give them a moment, not forever.

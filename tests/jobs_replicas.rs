@@ -1,6 +1,7 @@
 //! Leases and replicas through the job service over a fake engine: the heartbeat stops jobs
-//! cancelled or taken over elsewhere, and two replicas share one PostgreSQL queue (skipped with
-//! a note when PostgreSQL is not installed; a failure when `CI` is set).
+//! cancelled or taken over elsewhere, released jobs run again once, and two replicas share one
+//! PostgreSQL queue (skipped with a note when PostgreSQL is not installed; a failure when `CI`
+//! is set).
 mod http_support;
 mod jobs_support;
 #[path = "common/postgres.rs"]
@@ -122,4 +123,26 @@ async fn two_replicas_on_postgres_run_every_job_once() {
         done >= images,
         "every image was generated: {done} < {images}"
     );
+}
+
+/// A draining server gives its unfinished jobs back (the attempt not counted); here the same
+/// server claims the job again at once, which stops the older attempt still running, and the
+/// job succeeds once.
+#[tokio::test]
+async fn released_jobs_run_again_and_the_older_attempt_stops() {
+    let s = start_jobs(50, Duration::from_secs(3600), ApiConfig::default());
+    let v: Value = submit(&s, json!({"prompt": "p", "steps": 30, "seed": 1}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_executing(&s, &id).await;
+    assert_eq!(s.jobs.release_held().await, 1);
+    let v = finished(&s, &id, None).await;
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let row = s.jobs.store.job(&id).await.unwrap().unwrap();
+    assert_eq!(row.attempts, 1, "a released attempt is not counted");
+    assert!(s.control.cancelled_images.load(Ordering::SeqCst) >= 1);
+    assert_eq!(s.jobs.store.artifacts(&id).await.unwrap().len(), 1);
 }

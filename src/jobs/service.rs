@@ -115,6 +115,22 @@ impl JobService {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Gives the jobs still dispatched here back to the queue (a draining server whose grace
+    /// period is over): another replica runs them now, not when their leases expire; the
+    /// attempt is not counted. Results that still arrive here are discarded (lease lost).
+    /// How many were released.
+    pub async fn release_held(&self) -> usize {
+        let mut released = 0;
+        for lease in self.held_leases() {
+            match self.store.release(&lease).await {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!(job = %lease.job_id, "releasing the job's lease: {e}"),
+            }
+        }
+        released
+    }
+
     /// The leases of the dispatched jobs (for the heartbeat).
     pub(super) fn held_leases(&self) -> Vec<Lease> {
         self.live_map().values().map(|e| e.lease.clone()).collect()
