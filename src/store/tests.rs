@@ -409,3 +409,36 @@ async fn quotas_count_queued_and_running_images_per_owner(f: Fresh) {
     let found = store.key_for_token(&k.token).await.unwrap().unwrap();
     assert_eq!(found.max_queued_images, Some(3));
 }
+
+/// Replicas starting together on an empty PostgreSQL database: every one migrates without
+/// error (sqlx's advisory lock serialises them) and the schema is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrating_at_once_on_postgres_all_succeed() {
+    let Some(url) = tokio::task::spawn_blocking(pg::fresh_database)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL");
+        return;
+    };
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { JobStore::open(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().expect("a replica failed to migrate"));
+    }
+    let super::db::Int(applied) = stores[0]
+        .db()
+        .fetch_one("SELECT COUNT(*) AS v FROM _sqlx_migrations", vec![])
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, PG_MIGRATOR.iter().count());
+    insert(&stores[5], &job(1, None)).await;
+    for s in stores {
+        s.close().await;
+    }
+}
