@@ -35,7 +35,7 @@ pub struct ServeSettings {
     /// Overrides every ensemble's dtype when set.
     pub dtype: Option<DType>,
     /// The job database (`sqlite://path`).
-    pub database_url: String,
+    pub database_url: crate::store::DatabaseUrl,
     /// Where job artifacts are written.
     pub data_dir: PathBuf,
     pub jobs: JobsConfig,
@@ -67,6 +67,7 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
         "auth": !s.api_keys.is_empty(),
         "result_ttl_s": s.jobs.result_ttl.as_secs(),
         "job_max_attempts": s.jobs.max_attempts,
+        "job_lease_s": s.jobs.lease.as_secs(),
         "devices": s.devices.iter().map(device_name).collect::<Vec<_>>(),
     })
 }
@@ -88,7 +89,7 @@ fn open_artifacts(settings: &ServeSettings) -> anyhow::Result<Artifacts> {
 
 /// Opens, migrates and recovers the job store.
 async fn open_jobs(settings: &ServeSettings) -> anyhow::Result<Arc<JobService>> {
-    let store = JobStore::open(&settings.database_url)
+    let store = JobStore::open(settings.database_url.expose())
         .await
         .with_context(|| format!("opening the job database {}", settings.database_url))?;
     let artifacts = open_artifacts(settings)?;
@@ -171,10 +172,14 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
     }
     drain(&worker, settings.shutdown_grace).await;
     let _ = jobs_stop.send(true);
-    // Let followers record the results of finished jobs (unfinished ones are recovered later).
+    // Let followers record the results of finished jobs; unfinished ones go back to the queue.
     let t = std::time::Instant::now();
     while jobs.in_flight() > 0 && t.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let released = jobs.release_held().await;
+    if released > 0 {
+        eprintln!("afa serve: {released} unfinished jobs returned to the queue");
     }
     let _ = stop_tx.send(());
     // Responses of finished work are being written; give them a moment, not forever.

@@ -104,6 +104,9 @@ pub(super) async fn submit_job(
         seeds: validated.job.images.iter().map(|i| i.seed).collect(),
         owner: caller.key_id.clone(),
         idempotency: idempotency_key.map(|key| (key, request_hash(&validated, req))),
+        // A claiming hint only (jobs with equal keys are claimed together); the worker batches
+        // by the key itself.
+        batch_key: Some(format!("{:?}", validated.job.batch_key())),
     };
     let outcome = match jobs
         .store

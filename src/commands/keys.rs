@@ -5,19 +5,21 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::migrate::block_on;
-use crate::store::JobStore;
+use crate::store::{DatabaseUrl, JobStore};
 
 /// `afa keys` flags.
 #[derive(Debug, Clone, Args)]
 pub struct KeysArgs {
-    /// The job database (`sqlite://path`; created and migrated when missing).
+    /// The job database (`sqlite://path` or `postgres://user:password@host/db`; created and
+    /// migrated when missing).
     #[arg(
         long,
         env = "AFA_DATABASE_URL",
         default_value = "sqlite://afa.db",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     #[command(subcommand)]
     pub action: KeysAction,
 }
@@ -49,7 +51,7 @@ fn unix_seconds(ms: i64) -> String {
 /// Runs `afa keys ...`.
 pub fn run(args: &KeysArgs) -> anyhow::Result<()> {
     block_on(async {
-        let store = JobStore::open(&args.database_url)
+        let store = JobStore::open(args.database_url.expose())
             .await
             .with_context(|| format!("opening {}", args.database_url))?;
         let result = action(&store, &args.action).await;

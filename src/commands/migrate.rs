@@ -3,14 +3,20 @@
 use anyhow::Context;
 use clap::Args;
 
-use crate::store::JobStore;
+use crate::store::{DatabaseUrl, JobStore};
 
 /// `afa migrate` flags.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
-    /// The job database (`sqlite://path`; created when missing).
-    #[arg(long, env = "AFA_DATABASE_URL", default_value = "sqlite://afa.db")]
-    pub database_url: String,
+    /// The job database (`sqlite://path`, created when missing, or
+    /// `postgres://user:password@host/db`).
+    #[arg(
+        long,
+        env = "AFA_DATABASE_URL",
+        default_value = "sqlite://afa.db",
+        hide_env_values = true
+    )]
+    pub database_url: DatabaseUrl,
 }
 
 /// A single-threaded runtime for the store commands.
@@ -24,15 +30,16 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output
 
 /// Runs `afa migrate`.
 pub fn run(args: &MigrateArgs) -> anyhow::Result<()> {
-    block_on(async {
-        let store = JobStore::connect(&args.database_url)
+    let shown = &args.database_url;
+    let n = block_on(async {
+        let store = JobStore::connect(args.database_url.expose())
             .await
-            .with_context(|| format!("opening {}", args.database_url))?;
+            .with_context(|| format!("opening {shown}"))?;
         store.migrate().await.context("migrating")?;
+        let n = store.migrator().iter().count();
         store.close().await;
-        anyhow::Ok(())
+        anyhow::Ok(n)
     })??;
-    let n = crate::store::MIGRATOR.iter().count();
-    println!("{}: up to date ({n} migrations)", args.database_url);
+    println!("{shown}: up to date ({n} migrations)");
     Ok(())
 }

@@ -12,6 +12,7 @@ use super::device::{DeviceArg, DtypeArg, select_devices};
 use crate::api::ApiKeys;
 use crate::app::{ServeSettings, serve};
 use crate::jobs::JobsConfig;
+use crate::store::DatabaseUrl;
 use crate::worker::WorkerConfig;
 
 /// A secret from the command line or environment; Debug never shows it.
@@ -76,9 +77,15 @@ pub struct ServeArgs {
     /// Weight precision for every ensemble (default: each ensemble's `dtype` in models.toml).
     #[arg(long, env = "AFA_DTYPE", value_enum)]
     pub dtype: Option<DtypeArg>,
-    /// The job database (`sqlite://path`; created and migrated at start-up).
-    #[arg(long, env = "AFA_DATABASE_URL", default_value = "sqlite://afa.db")]
-    pub database_url: String,
+    /// The job database: `sqlite://path` (one machine; created when missing) or
+    /// `postgres://user:password@host/db` (replicas sharing one queue); migrated at start-up.
+    #[arg(
+        long,
+        env = "AFA_DATABASE_URL",
+        default_value = "sqlite://afa.db",
+        hide_env_values = true
+    )]
+    pub database_url: DatabaseUrl,
     /// Where job artifacts (images, attention-map bundles) are written.
     #[arg(long, env = "AFA_DATA_DIR", default_value = "./afa-data")]
     pub data_dir: PathBuf,
@@ -88,6 +95,10 @@ pub struct ServeArgs {
     /// A job interrupted or failing this many times ends `failed`.
     #[arg(long, env = "AFA_JOB_MAX_ATTEMPTS", default_value_t = 3)]
     pub job_max_attempts: u32,
+    /// Lease on a running job, in seconds: renewed every third of it; the jobs of a replica
+    /// that stops renewing return to the queue this long after its last renewal.
+    #[arg(long, env = "AFA_JOB_LEASE_S", default_value_t = 30)]
+    pub job_lease_s: u64,
     /// Body limit, in bytes, of the routes that carry pictures (`POST /generate`,
     /// `/generate/stream`, `/v1/jobs` with `init_image`, and `/v1/images/edits`).
     #[arg(long, env = "AFA_MAX_UPLOAD_BYTES", default_value_t = crate::api::DEFAULT_MAX_UPLOAD_BYTES)]
@@ -110,8 +121,8 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
     if args.request_timeout_s == 0 {
         bail!("--request-timeout-s must be at least 1");
     }
-    if args.result_ttl_s == 0 || args.job_max_attempts == 0 {
-        bail!("--result-ttl-s and --job-max-attempts must be at least 1");
+    if args.result_ttl_s == 0 || args.job_max_attempts == 0 || args.job_lease_s == 0 {
+        bail!("--result-ttl-s, --job-max-attempts and --job-lease-s must be at least 1");
     }
     if args.max_upload_bytes < 1024 {
         bail!("--max-upload-bytes must be at least 1024");
@@ -140,6 +151,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             max_attempts: args.job_max_attempts,
             result_ttl: Duration::from_secs(args.result_ttl_s),
             url_wait: Duration::from_secs(args.request_timeout_s),
+            lease: Duration::from_secs(args.job_lease_s),
         },
         max_upload_bytes: args.max_upload_bytes,
         artifact_store: args.artifact_store.clone().filter(|s| !s.is_empty()),
@@ -182,7 +194,7 @@ mod tests {
         let s = settings(&t.serve).unwrap();
         assert_eq!(s.worker.max_batch, 1);
         assert!(!format!("{s:?}").contains("k2"));
-        assert_eq!(s.database_url, "sqlite://afa.db");
+        assert_eq!(s.database_url.expose(), "sqlite://afa.db");
         assert_eq!(s.jobs.max_attempts, 3);
     }
 

@@ -1,6 +1,8 @@
-//! The dispatcher task that feeds queued rows to the worker in submission order (on a full
-//! worker queue it waits and retries; the row stays `queued`), and one follower task per
-//! dispatched job that records its progress, its retries and its result. How a stored row
+//! The dispatcher task that claims queued rows with a lease (the oldest, with more of its batch
+//! key, up to the free worker capacity) and feeds them to the worker (on a full worker queue it
+//! releases them back to the queue, waits and retries), and one follower task per dispatched
+//! job that records its progress, its retries and its result as the lease holder (a result
+//! whose lease was lost is discarded and logged). The heartbeat is in `heartbeat.rs`. How a stored row
 //! becomes a worker job again and how a result becomes files is the [`JobCodec`]'s (the HTTP
 //! layer's, which owns the request and response formats).
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 use super::service::{JobService, LivePreview};
-use crate::store::{ArtifactFile, JobRow};
+use crate::store::{ArtifactFile, Claim, ClaimLimit, Completion, JobRow, Lease};
 use crate::worker::{
     Catalog, GenerationJob, JobError, JobEvent, JobOutput, JobTicket, SubmitError, WorkerHandle,
 };
@@ -49,13 +51,18 @@ fn rebuild<C: JobCodec>(
     codec.rebuild(row, &catalog, worker.stats().queue_capacity)
 }
 
-/// Feeds queued jobs to the worker, oldest first, until `stop` turns true.
+/// Most jobs one claim takes (the image limit is the free capacity).
+const CLAIM_JOBS: usize = 8;
+
+/// Feeds queued jobs to the worker, oldest first, until `stop` turns true; renews their leases
+/// meanwhile (the heartbeat task, started here).
 pub async fn run_dispatcher<C: JobCodec>(
     jobs: Arc<JobService>,
     worker: WorkerHandle,
     codec: Arc<C>,
     stop: watch::Receiver<bool>,
 ) {
+    tokio::spawn(super::heartbeat::run_heartbeat(jobs.clone(), stop.clone()));
     let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
     // Keep part of the worker queue for the synchronous routes.
     let budget = (worker.stats().queue_capacity / 2).max(1);
@@ -64,39 +71,87 @@ pub async fn run_dispatcher<C: JobCodec>(
             pause(100).await;
             continue;
         }
-        let row = match jobs.store.next_queued().await {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                tokio::select! {
-                    _ = jobs.wake.notified() => {}
-                    _ = pause(500) => {}
-                }
-                continue;
-            }
+        // Idle, the oldest job is taken whatever its size (its size was validated against the
+        // worker queue at submission); otherwise only what fits beside the jobs in flight.
+        let held = jobs.in_flight_images.load(Ordering::SeqCst);
+        let images = if held == 0 {
+            usize::MAX
+        } else {
+            budget.saturating_sub(held)
+        };
+        if images == 0 {
+            wait_freed(&jobs).await;
+            continue;
+        }
+        let limit = ClaimLimit {
+            jobs: CLAIM_JOBS,
+            images,
+        };
+        let claims = match jobs
+            .store
+            .claim(&jobs.replica, limit, jobs.config.lease)
+            .await
+        {
+            Ok(c) => c,
             Err(e) => {
-                tracing::error!("reading the job queue: {e}");
+                tracing::error!("claiming queued jobs: {e}");
                 pause(1000).await;
                 continue;
             }
         };
-        let held = jobs.in_flight_images.load(Ordering::SeqCst);
-        if held > 0 && held + row.images > budget {
-            wait_freed(&jobs).await;
+        if claims.is_empty() {
+            tokio::select! {
+                _ = jobs.wake.notified() => {}
+                _ = jobs.freed.notified() => {}
+                _ = pause(500) => {}
+            }
             continue;
         }
-        let (job, extra) = match rebuild(&worker, codec.as_ref(), &row) {
+        submit_claims(&jobs, &worker, &codec, claims).await;
+    }
+}
+
+/// Hands claimed jobs to the worker; on a full (or not ready) worker the rest go back to the
+/// queue, their attempts not counted.
+async fn submit_claims<C: JobCodec>(
+    jobs: &Arc<JobService>,
+    worker: &WorkerHandle,
+    codec: &Arc<C>,
+    claims: Vec<Claim>,
+) {
+    let mut claims = claims.into_iter();
+    while let Some(Claim { job: row, lease }) = claims.next() {
+        let (job, extra) = match rebuild(worker, codec.as_ref(), &row) {
             Ok(r) => r,
             Err(reason) => {
-                record(jobs.store.fail(&row.id, &reason).await, &row.id);
+                record(jobs.store.fail_leased(&lease, &reason).await, &row.id);
                 continue;
             }
         };
-        match worker.submit(job) {
-            Ok(ticket) => dispatched(&jobs, &codec, row, (ticket, extra)).await,
-            Err(SubmitError::QueueFull { .. }) => wait_freed(&jobs).await,
-            Err(SubmitError::NotReady { .. } | SubmitError::Draining { .. }) => pause(200).await,
-            Err(e) => record(jobs.store.fail(&row.id, &e.to_string()).await, &row.id),
+        let full = match worker.submit(job) {
+            Ok(ticket) => {
+                dispatched(jobs, codec, row, lease, (ticket, extra));
+                continue;
+            }
+            Err(SubmitError::QueueFull { .. }) => true,
+            Err(SubmitError::NotReady { .. } | SubmitError::Draining { .. }) => false,
+            Err(e) => {
+                record(
+                    jobs.store.fail_leased(&lease, &e.to_string()).await,
+                    &row.id,
+                );
+                continue;
+            }
+        };
+        for lease in std::iter::once(lease).chain(claims.by_ref().map(|c| c.lease)) {
+            record(jobs.store.release(&lease).await, &lease.job_id);
         }
+        if full {
+            wait_freed(jobs).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        return;
     }
 }
 
@@ -113,53 +168,53 @@ fn record(result: crate::store::StoreResult<bool>, id: &str) {
     }
 }
 
-/// Marks the row running and starts its follower (or drops the ticket when it was cancelled).
-async fn dispatched<C: JobCodec>(
+/// Starts the follower of a claimed job that the worker accepted.
+fn dispatched<C: JobCodec>(
     jobs: &Arc<JobService>,
     codec: &Arc<C>,
     row: JobRow,
+    lease: Lease,
     (ticket, extra): (JobTicket, C::Extra),
 ) {
-    match jobs.store.mark_running(&row.id).await {
-        Ok(true) => {}
-        Ok(false) => return, // cancelled between reading and dispatching: the ticket drops
-        Err(e) => {
-            tracing::error!(job = %row.id, "marking the job running: {e}");
-            return;
-        }
-    }
-    let cancel = jobs.start_live(&row.id);
+    let cancel = jobs.start_live(&lease);
     jobs.in_flight.fetch_add(1, Ordering::SeqCst);
     jobs.in_flight_images
         .fetch_add(row.images, Ordering::SeqCst);
-    tracing::info!(job = %row.id, attempt = row.attempts + 1, "job dispatched");
+    tracing::info!(job = %row.id, attempt = row.attempts, replica = %jobs.replica, "job dispatched");
     let jobs = jobs.clone();
     let codec = codec.clone();
     tokio::spawn(async move {
         let images = row.images;
-        let id = row.id.clone();
-        follow(&jobs, &codec, row, (ticket, extra), cancel).await;
-        jobs.end_live(&id);
+        let held = Held { row, lease };
+        let lease = held.lease.clone();
+        follow(&jobs, &codec, held, (ticket, extra), cancel).await;
+        jobs.end_live(&lease);
         jobs.in_flight_images.fetch_sub(images, Ordering::SeqCst);
         jobs.in_flight.fetch_sub(1, Ordering::SeqCst);
         jobs.freed.notify_one();
     });
 }
 
+/// A dispatched job: its row as claimed (attempt counted) and its lease.
+struct Held {
+    row: JobRow,
+    lease: Lease,
+}
+
 /// Follows one dispatched job to its end and records the outcome.
 async fn follow<C: JobCodec>(
     jobs: &JobService,
     codec: &Arc<C>,
-    row: JobRow,
+    held: Held,
     (mut ticket, extra): (JobTicket, C::Extra),
     cancel: Arc<Notify>,
 ) {
-    let id = row.id.clone();
+    let id = held.row.id.clone();
     loop {
         let event = tokio::select! {
             e = ticket.events.recv() => e,
             _ = cancel.notified() => {
-                tracing::info!(job = %id, "job cancelled by the client");
+                tracing::info!(job = %id, "job cancelled (by a client, or its lease was lost)");
                 return; // dropping the ticket drops the job from its batch
             }
         };
@@ -189,17 +244,17 @@ async fn follow<C: JobCodec>(
             }),
             Some(JobEvent::Finished(Ok(output))) => {
                 codec.finished(&output);
-                store_output(jobs, codec.clone(), &id, output, extra).await;
+                store_output(jobs, codec.clone(), &held.lease, output, extra).await;
                 return;
             }
             Some(JobEvent::Finished(Err(e))) => {
-                job_failed(jobs, &row, e).await;
+                job_failed(jobs, &held, e).await;
                 return;
             }
             None => {
                 job_failed(
                     jobs,
-                    &row,
+                    &held,
                     JobError::Failed("the worker dropped the job".into()),
                 )
                 .await;
@@ -209,16 +264,17 @@ async fn follow<C: JobCodec>(
     }
 }
 
-/// Records a failure: a retry while attempts are left, else `failed` with a reason.
-async fn job_failed(jobs: &JobService, row: &JobRow, e: JobError) {
-    let attempt = row.attempts + 1;
-    let id = &row.id;
+/// Records a failure: a retry while attempts are left, else `failed` with a reason (both only
+/// while the lease is held).
+async fn job_failed(jobs: &JobService, held: &Held, e: JobError) {
+    let attempt = held.row.attempts;
+    let (id, lease) = (&held.row.id, &held.lease);
     let result = match e {
         JobError::Failed(detail) if attempt < jobs.config.max_attempts => {
             tracing::warn!(job = %id, attempt, "job failed, will retry: {detail}");
             let r = jobs
                 .store
-                .requeue(id, Some("generation failed; retrying"))
+                .requeue_leased(lease, Some("generation failed; retrying"))
                 .await;
             jobs.wake();
             r
@@ -226,21 +282,23 @@ async fn job_failed(jobs: &JobService, row: &JobRow, e: JobError) {
         JobError::Failed(detail) => {
             tracing::error!(job = %id, attempt, "job failed for good: {detail}");
             let reason = format!("generation failed {attempt} times (details in the server log)");
-            jobs.store.fail(id, &reason).await
+            jobs.store.fail_leased(lease, &reason).await
         }
-        other => jobs.store.fail(id, &other.to_string()).await,
+        other => jobs.store.fail_leased(lease, &other.to_string()).await,
     };
     record(result, id);
 }
 
-/// Writes the job's files (rendered by the codec on a blocking thread) and marks it succeeded.
+/// Writes the job's files (rendered by the codec on a blocking thread) and records it
+/// succeeded, if the lease is still held.
 async fn store_output<C: JobCodec>(
     jobs: &JobService,
     codec: Arc<C>,
-    id: &str,
+    lease: &Lease,
     output: JobOutput,
     extra: C::Extra,
 ) {
+    let id = lease.job_id.as_str();
     let artifacts = jobs.artifacts.clone();
     let job_id = id.to_string();
     let timings = codec.timings(&output);
@@ -256,21 +314,32 @@ async fn store_output<C: JobCodec>(
             tracing::error!(job = %id, "storing the result: {e}");
             record(
                 jobs.store
-                    .fail(id, "storing the result failed (details in the server log)")
+                    .fail_leased(
+                        lease,
+                        "storing the result failed (details in the server log)",
+                    )
                     .await,
                 id,
             );
             return;
         }
     };
-    match jobs.store.complete(id, &rows, &timings).await {
-        Ok(true) => tracing::info!(job = %id, "job succeeded"),
-        Ok(false) => {
+    match jobs.store.complete_leased(lease, &rows, &timings).await {
+        Ok(Completion::Recorded) => tracing::info!(job = %id, "job succeeded"),
+        Ok(Completion::Cancelled) => {
             // Cancelled while it ran: the files belong to no row.
             let artifacts = jobs.artifacts.clone();
             let job_id = id.to_string();
             let _ = tokio::task::spawn_blocking(move || artifacts.remove_job(&job_id)).await;
         }
+        // The files stay: the job's paths are shared with the run that holds it now (same
+        // seeds, same bytes), which may already have recorded them.
+        Ok(Completion::LeaseLost { status, holder }) => tracing::warn!(
+            job = %id,
+            ?status,
+            holder = holder.as_deref().unwrap_or("none"),
+            "late result discarded: this replica's lease on the job was lost"
+        ),
         Err(e) => tracing::error!(job = %id, "recording the result: {e}"),
     }
 }

@@ -1,5 +1,5 @@
-//! The job service: the store, the artifact files and the live progress of dispatched jobs,
-//! shared by the HTTP routes, the dispatcher and the followers.
+//! The job service: the store, the artifact files and the live progress (and lease) of
+//! dispatched jobs, shared by the HTTP routes, the dispatcher, the followers and the heartbeat.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::store::{Artifacts, JobStore};
+use crate::store::{Artifacts, JobStore, Lease};
 use crate::worker::Raster;
 
 /// Settings of the job service.
@@ -19,6 +19,9 @@ pub struct JobsConfig {
     pub result_ttl: Duration,
     /// How long `response_format: "url"` waits for its job.
     pub url_wait: Duration,
+    /// A dispatched job's lease: renewed every third of it while the job runs; a replica that
+    /// stops renewing loses its jobs to the queue this long after its last renewal.
+    pub lease: Duration,
 }
 
 impl Default for JobsConfig {
@@ -27,6 +30,7 @@ impl Default for JobsConfig {
             max_attempts: 3,
             result_ttl: Duration::from_secs(24 * 3600),
             url_wait: Duration::from_secs(600),
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -57,6 +61,7 @@ pub struct LivePreview {
 struct LiveEntry {
     tx: watch::Sender<Live>,
     cancel: Arc<Notify>,
+    lease: Lease,
 }
 
 /// Store + files + live state, shared by the routes, the dispatcher and the followers.
@@ -64,6 +69,8 @@ pub struct JobService {
     pub store: JobStore,
     pub artifacts: Artifacts,
     pub config: JobsConfig,
+    /// This process's name as a lease owner (unique per process).
+    pub replica: String,
     live: Mutex<HashMap<String, LiveEntry>>,
     /// A job was queued.
     pub(super) wake: Notify,
@@ -75,10 +82,15 @@ pub struct JobService {
 
 impl JobService {
     pub fn new(store: JobStore, artifacts: Artifacts, config: JobsConfig) -> Self {
+        let replica = format!(
+            "replica-{}",
+            crate::store::random_hex(6).unwrap_or_else(|_| std::process::id().to_string())
+        );
         Self {
             store,
             artifacts,
             config,
+            replica,
             live: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             freed: Notify::new(),
@@ -118,25 +130,57 @@ impl JobService {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    pub(super) fn start_live(&self, id: &str) -> Arc<Notify> {
+    /// Gives the jobs still dispatched here back to the queue (a draining server whose grace
+    /// period is over): another replica runs them now, not when their leases expire; the
+    /// attempt is not counted. Results that still arrive here are discarded (lease lost).
+    /// How many were released.
+    pub async fn release_held(&self) -> usize {
+        let mut released = 0;
+        for lease in self.held_leases() {
+            match self.store.release(&lease).await {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!(job = %lease.job_id, "releasing the job's lease: {e}"),
+            }
+        }
+        released
+    }
+
+    /// The leases of the dispatched jobs (for the heartbeat).
+    pub(super) fn held_leases(&self) -> Vec<Lease> {
+        self.live_map().values().map(|e| e.lease.clone()).collect()
+    }
+
+    pub(super) fn start_live(&self, lease: &Lease) -> Arc<Notify> {
+        let id = &lease.job_id;
         let (tx, _) = watch::channel(Live {
             position: Some(0),
             ..Live::default()
         });
         let cancel = Arc::new(Notify::new());
-        self.live_map().insert(
+        let older = self.live_map().insert(
             id.to_string(),
             LiveEntry {
                 tx,
                 cancel: cancel.clone(),
+                lease: lease.clone(),
             },
         );
+        // Claimed again while an older attempt still ran here (its lease had expired): that
+        // attempt's result would be discarded anyway; stop it.
+        if let Some(older) = older {
+            older.cancel.notify_one();
+        }
         cancel
     }
 
-    /// Forgets a finished job's live progress (its followers see the channel close).
-    pub(super) fn end_live(&self, id: &str) {
-        self.live_map().remove(id);
+    /// Forgets a finished job's live progress (its followers see the channel close), unless a
+    /// newer attempt of the job took its place.
+    pub(super) fn end_live(&self, lease: &Lease) {
+        let mut live = self.live_map();
+        if live.get(&lease.job_id).is_some_and(|e| e.lease == *lease) {
+            live.remove(&lease.job_id);
+        }
     }
 
     pub(super) fn publish(&self, id: &str, f: impl FnOnce(&mut Live)) {

@@ -5,9 +5,8 @@
 use std::str::FromStr;
 
 use serde_json::Value;
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
+use super::db::{Arg, Backend, Cols, FromRow, Int, Text, args};
 use super::{JobStore, StoreError, StoreResult, now_ms, random_hex};
 
 /// Where a job is in its life.
@@ -65,6 +64,9 @@ pub struct NewJob {
     pub owner: Option<String>,
     /// `(Idempotency-Key, hash of the request)`.
     pub idempotency: Option<(String, String)>,
+    /// Jobs with the same key may share a batch: one claim takes several of them (`None`: the
+    /// job is claimed alone). Only a hint for claiming; the worker batches by its own key.
+    pub batch_key: Option<String>,
 }
 
 /// A stored job.
@@ -87,6 +89,11 @@ pub struct JobRow {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    pub batch_key: Option<String>,
+    /// The replica holding the job's lease (kept after it finished: who ran it last).
+    pub lease_owner: Option<String>,
+    /// Unix milliseconds; a `running` job whose lease expired goes back to the queue.
+    pub lease_expires_at: Option<i64>,
 }
 
 /// One file of a finished job.
@@ -123,55 +130,61 @@ pub struct Recovery {
     pub queued: usize,
 }
 
-const COLUMNS: &str = "id, queue_order, status, ensemble, params, seeds, images, owner_key_id, \
-    idempotency_key, request_hash, attempts, error, timings, created_at, started_at, finished_at";
+pub(crate) const COLUMNS: &str = "id, queue_order, status, ensemble, params, seeds, images, \
+    owner_key_id, idempotency_key, request_hash, attempts, error, timings, created_at, \
+    started_at, finished_at, batch_key, lease_owner, lease_expires_at";
 
-fn job_from_row(row: &SqliteRow) -> StoreResult<JobRow> {
-    let json = |col: &str| -> StoreResult<Value> {
-        let text: String = row.try_get(col)?;
-        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
-    };
-    let seeds: Vec<u64> = serde_json::from_value(json("seeds")?)
-        .map_err(|e| StoreError::Corrupt(format!("seeds: {e}")))?;
-    let timings: Option<String> = row.try_get("timings")?;
-    let timings = timings
-        .map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(|e| StoreError::Corrupt(format!("timings: {e}")))?;
-    let status: String = row.try_get("status")?;
-    Ok(JobRow {
-        id: row.try_get("id")?,
-        queue_order: row.try_get("queue_order")?,
-        status: status.parse()?,
-        ensemble: row.try_get("ensemble")?,
-        params: json("params")?,
-        seeds,
-        images: row.try_get::<i64, _>("images")? as usize,
-        owner: row.try_get("owner_key_id")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        request_hash: row.try_get("request_hash")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        error: row.try_get("error")?,
-        timings,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-    })
+fn json(text: &str, col: &str) -> StoreResult<Value> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
 }
 
-fn artifact_from_row(row: &SqliteRow) -> StoreResult<ArtifactRow> {
-    Ok(ArtifactRow {
-        job_id: row.try_get("job_id")?,
-        index: row.try_get::<i64, _>("idx")? as usize,
-        kind: row.try_get("kind")?,
-        path: row.try_get("path")?,
-        sha256: row.try_get("sha256")?,
-        bytes: row.try_get::<i64, _>("bytes")? as u64,
-    })
+impl FromRow for JobRow {
+    fn from_row(row: &dyn Cols) -> StoreResult<Self> {
+        let seeds: Vec<u64> = serde_json::from_value(json(&row.text("seeds")?, "seeds")?)
+            .map_err(|e| StoreError::Corrupt(format!("seeds: {e}")))?;
+        let timings = row
+            .opt_text("timings")?
+            .map(|t| json(&t, "timings"))
+            .transpose()?;
+        Ok(JobRow {
+            id: row.text("id")?,
+            queue_order: row.int("queue_order")?,
+            status: row.text("status")?.parse()?,
+            ensemble: row.text("ensemble")?,
+            params: json(&row.text("params")?, "params")?,
+            seeds,
+            images: row.int("images")?.max(0) as usize,
+            owner: row.opt_text("owner_key_id")?,
+            idempotency_key: row.opt_text("idempotency_key")?,
+            request_hash: row.opt_text("request_hash")?,
+            attempts: row.int("attempts")?.max(0) as u32,
+            error: row.opt_text("error")?,
+            timings,
+            created_at: row.int("created_at")?,
+            started_at: row.opt_int("started_at")?,
+            finished_at: row.opt_int("finished_at")?,
+            batch_key: row.opt_text("batch_key")?,
+            lease_owner: row.opt_text("lease_owner")?,
+            lease_expires_at: row.opt_int("lease_expires_at")?,
+        })
+    }
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+impl FromRow for ArtifactRow {
+    fn from_row(row: &dyn Cols) -> StoreResult<Self> {
+        Ok(ArtifactRow {
+            job_id: row.text("job_id")?,
+            index: row.int("idx")?.max(0) as usize,
+            kind: row.text("kind")?,
+            path: row.text("path")?,
+            sha256: row.text("sha256")?,
+            bytes: row.int("bytes")?.max(0) as u64,
+        })
+    }
+}
+
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(sqlx::Error::Database(d)) if d.is_unique_violation())
 }
 
 impl JobStore {
@@ -184,7 +197,7 @@ impl JobStore {
             }
             match self.try_insert(job).await {
                 Ok(row) => return Ok(Insert::Created(row)),
-                Err(StoreError::Db(e)) if is_unique_violation(&e) => continue,
+                Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -199,15 +212,15 @@ impl JobStore {
         let Some((key, hash)) = &job.idempotency else {
             return Ok(None);
         };
-        let sql =
-            format!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ? AND owner_key_id IS ?");
-        let row = sqlx::query(&sql)
-            .bind(key)
-            .bind(&job.owner)
-            .fetch_optional(self.pool())
+        let sql = format!(
+            "SELECT {COLUMNS} FROM jobs WHERE idempotency_key = ? \
+             AND owner_key_id IS NOT DISTINCT FROM ?"
+        );
+        let row: Option<JobRow> = self
+            .db()
+            .fetch_optional(&sql, args![key, &job.owner])
             .await?;
         let Some(row) = row else { return Ok(None) };
-        let row = job_from_row(&row)?;
         Ok(Some(if row.request_hash.as_deref() == Some(hash) {
             Insert::Existing(row)
         } else {
@@ -218,23 +231,34 @@ impl JobStore {
     async fn try_insert(&self, job: &NewJob) -> StoreResult<JobRow> {
         let id = format!("job_{}", random_hex(12)?);
         let (key, hash) = job.idempotency.clone().unzip();
-        sqlx::query(
-            "INSERT INTO jobs (id, queue_order, status, ensemble, params, seeds, images, \
-             owner_key_id, idempotency_key, request_hash, created_at) \
-             VALUES (?, (SELECT COALESCE(MAX(queue_order), 0) + 1 FROM jobs), 'queued', \
-             ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(&job.ensemble)
-        .bind(job.params.to_string())
-        .bind(serde_json::to_string(&job.seeds).unwrap_or_default())
-        .bind(job.seeds.len() as i64)
-        .bind(&job.owner)
-        .bind(key)
-        .bind(hash)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
+        // One SQLite file has one writer at a time: MAX + 1 is safe there. Replicas insert into
+        // PostgreSQL concurrently: the column is an identity (a sequence).
+        let (order_col, order_val) = match self.backend() {
+            Backend::Sqlite => (
+                "queue_order, ",
+                "(SELECT COALESCE(MAX(queue_order), 0) + 1 FROM jobs), ",
+            ),
+            Backend::Postgres => ("", ""),
+        };
+        let sql = format!(
+            "INSERT INTO jobs (id, {order_col}status, ensemble, params, seeds, images, \
+             owner_key_id, idempotency_key, request_hash, batch_key, created_at) \
+             VALUES (?, {order_val}'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        );
+        let seeds = serde_json::to_string(&job.seeds).unwrap_or_default();
+        let values = args![
+            &id,
+            &job.ensemble,
+            job.params.to_string(),
+            seeds,
+            job.seeds.len() as i64,
+            &job.owner,
+            key,
+            hash,
+            &job.batch_key,
+            now_ms(),
+        ];
+        self.db().execute(&sql, values).await?;
         self.job(&id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("job {id} vanished after insert")))
@@ -243,11 +267,7 @@ impl JobStore {
     /// The job `id`, whoever owns it.
     pub async fn job(&self, id: &str) -> StoreResult<Option<JobRow>> {
         let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.db().fetch_optional(&sql, args![id]).await
     }
 
     /// The job `id` when `owner` owns it (another owner's job is `None`, as if absent).
@@ -260,44 +280,49 @@ impl JobStore {
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY queue_order LIMIT 1"
         );
-        let row = sqlx::query(&sql).fetch_optional(self.pool()).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.db().fetch_optional(&sql, vec![]).await
     }
 
     /// Images of queued jobs submitted before the job at `queue_order`.
     pub async fn queued_images_before(&self, queue_order: i64) -> StoreResult<usize> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(images), 0) FROM jobs WHERE status = 'queued' AND queue_order < ?",
-        )
-        .bind(queue_order)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(n as usize)
+        let Int(n) = self
+            .db()
+            .fetch_one(
+                "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) AS v FROM jobs \
+                 WHERE status = 'queued' AND queue_order < ?",
+                args![queue_order],
+            )
+            .await?;
+        Ok(n.max(0) as usize)
     }
 
     /// Images of `owner`'s queued and running jobs.
     pub async fn active_images(&self, owner: Option<&str>) -> StoreResult<usize> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(images), 0) FROM jobs \
-             WHERE status IN ('queued', 'running') AND owner_key_id IS ?",
-        )
-        .bind(owner)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(n as usize)
+        let Int(n) = self
+            .db()
+            .fetch_one(
+                "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) AS v FROM jobs \
+                 WHERE status IN ('queued', 'running') AND owner_key_id IS NOT DISTINCT FROM ?",
+                args![owner],
+            )
+            .await?;
+        Ok(n.max(0) as usize)
     }
 
-    /// `queued -> running` (one more attempt); false when the job is no longer queued.
+    /// `queued -> running` (one more attempt) without a lease (the one-process dispatcher);
+    /// false when the job is no longer queued. Replicas sharing a queue use
+    /// [`JobStore::claim`] instead.
     pub async fn mark_running(&self, id: &str) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ? \
-             WHERE id = ? AND status = 'queued'",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.pool())
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let n = self
+            .db()
+            .execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, \
+                 lease_owner = NULL, lease_id = NULL, lease_expires_at = NULL \
+                 WHERE id = ? AND status = 'queued'",
+                args![now_ms(), id],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// `running -> succeeded` with its artifacts and timings, in one transaction; false (and
@@ -308,32 +333,45 @@ impl JobStore {
         artifacts: &[ArtifactRow],
         timings: &Value,
     ) -> StoreResult<bool> {
-        let mut tx = self.pool().begin().await?;
-        let r = sqlx::query(
+        self.complete_where(id, None, artifacts, timings).await
+    }
+
+    /// `complete`, fenced by `lease_id` when given.
+    pub(super) async fn complete_where(
+        &self,
+        id: &str,
+        lease_id: Option<&str>,
+        artifacts: &[ArtifactRow],
+        timings: &Value,
+    ) -> StoreResult<bool> {
+        let mut tx = self.db().begin().await?;
+        let fence = if lease_id.is_some() {
+            " AND lease_id = ?"
+        } else {
+            ""
+        };
+        let mut values = args![timings.to_string(), now_ms(), id];
+        values.extend(lease_id.map(Arg::from));
+        let sql = format!(
             "UPDATE jobs SET status = 'succeeded', timings = ?, error = NULL, finished_at = ? \
-             WHERE id = ? AND status = 'running'",
-        )
-        .bind(timings.to_string())
-        .bind(now_ms())
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(false);
+             WHERE id = ? AND status = 'running'{fence}"
+        );
+        if tx.execute(&sql, values).await? != 1 {
+            return Ok(false); // dropping the transaction rolls it back
         }
         for a in artifacts {
-            sqlx::query(
+            tx.execute(
                 "INSERT INTO artifacts (job_id, idx, kind, path, sha256, bytes) \
                  VALUES (?, ?, ?, ?, ?, ?)",
+                args![
+                    id,
+                    a.index as i64,
+                    &a.kind,
+                    &a.path,
+                    &a.sha256,
+                    a.bytes as i64
+                ],
             )
-            .bind(id)
-            .bind(a.index as i64)
-            .bind(&a.kind)
-            .bind(&a.path)
-            .bind(&a.sha256)
-            .bind(a.bytes as i64)
-            .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
@@ -342,128 +380,115 @@ impl JobStore {
 
     /// `queued | running -> failed` with `reason`; false when already finished.
     pub async fn fail(&self, id: &str, reason: &str) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? \
-             WHERE id = ? AND status IN ('queued', 'running')",
-        )
-        .bind(reason)
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.pool())
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let n = self
+            .db()
+            .execute(
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? \
+                 WHERE id = ? AND status IN ('queued', 'running')",
+                args![reason, now_ms(), id],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// `running -> queued` (a retry keeps its place in the queue); `reason` is kept as the last
     /// error. False when the job is not running.
     pub async fn requeue(&self, id: &str, reason: Option<&str>) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'queued', error = COALESCE(?, error) \
-             WHERE id = ? AND status = 'running'",
-        )
-        .bind(reason)
-        .bind(id)
-        .execute(self.pool())
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let n = self
+            .db()
+            .execute(
+                "UPDATE jobs SET status = 'queued', error = COALESCE(?, error), \
+                 lease_owner = NULL, lease_id = NULL, lease_expires_at = NULL \
+                 WHERE id = ? AND status = 'running'",
+                args![reason, id],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// `queued | running -> cancelled`; the status before, or `None` when it was finished.
+    /// The lease columns stay: the holder learns of the cancel at its next renewal.
     /// (No read-then-write transaction: under WAL that can fail to upgrade its lock.)
     pub async fn cancel(&self, id: &str) -> StoreResult<Option<JobStatus>> {
-        let before: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(self.pool())
+        let before: Option<Text> = self
+            .db()
+            .fetch_optional("SELECT status AS v FROM jobs WHERE id = ?", args![id])
             .await?;
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', error = 'cancelled by the client', \
-             finished_at = ? WHERE id = ? AND status IN ('queued', 'running')",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.pool())
-        .await?;
+        let n = self
+            .db()
+            .execute(
+                "UPDATE jobs SET status = 'cancelled', error = 'cancelled by the client', \
+                 finished_at = ? WHERE id = ? AND status IN ('queued', 'running')",
+                args![now_ms(), id],
+            )
+            .await?;
         match before {
-            Some(s) if r.rows_affected() == 1 => Ok(Some(s.parse()?)),
+            Some(Text(s)) if n == 1 => Ok(Some(s.parse()?)),
             _ => Ok(None),
         }
     }
 
-    /// Start-up recovery: every `running` job was interrupted by the previous process. Jobs with
+    /// Start-up recovery. On SQLite (one file, one server) every `running` job was
+    /// interrupted by the previous process; on PostgreSQL those without a lease or with an
+    /// expired one were (jobs other replicas hold under a live lease are left alone). Jobs with
     /// attempts left go back to `queued` (keeping their place); the others fail with a reason.
     pub async fn recover(&self, max_attempts: u32) -> StoreResult<Recovery> {
-        let mut tx = self.pool().begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, attempts FROM jobs WHERE status = 'running' ORDER BY queue_order",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut out = Recovery::default();
-        for row in rows {
-            let id: String = row.try_get("id")?;
-            let attempts = row.try_get::<i64, _>("attempts")? as u32;
-            if attempts >= max_attempts {
-                let reason = format!(
-                    "interrupted {attempts} times (the server stopped while it ran); giving up"
-                );
-                sqlx::query(
-                    "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                )
-                .bind(reason)
-                .bind(now_ms())
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                out.failed.push(id);
-            } else {
-                sqlx::query(
-                    "UPDATE jobs SET status = 'queued', \
-                     error = 'interrupted by a server restart; run again' WHERE id = ?",
-                )
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                out.requeued.push(id);
-            }
-        }
-        let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-            .fetch_one(&mut *tx)
+        let cond = match self.backend() {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(format!(
+                "lease_expires_at IS NULL OR lease_expires_at < {}",
+                self.db_now()
+            )),
+        };
+        let (requeued, failed) = self
+            .return_interrupted(
+                cond.as_deref(),
+                max_attempts,
+                "interrupted by a server restart; run again",
+            )
             .await?;
-        tx.commit().await?;
-        out.queued = queued as usize;
-        Ok(out)
+        let Int(queued) = self
+            .db()
+            .fetch_one(
+                "SELECT COUNT(*) AS v FROM jobs WHERE status = 'queued'",
+                vec![],
+            )
+            .await?;
+        Ok(Recovery {
+            requeued,
+            failed,
+            queued: queued.max(0) as usize,
+        })
     }
 
     /// The artifacts of a job, by index then kind.
     pub async fn artifacts(&self, id: &str) -> StoreResult<Vec<ArtifactRow>> {
-        let rows = sqlx::query(
-            "SELECT job_id, idx, kind, path, sha256, bytes FROM artifacts \
-             WHERE job_id = ? ORDER BY idx, kind",
-        )
-        .bind(id)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter().map(artifact_from_row).collect()
+        self.db()
+            .fetch_all(
+                "SELECT job_id, idx, kind, path, sha256, bytes FROM artifacts \
+                 WHERE job_id = ? ORDER BY idx, kind",
+                args![id],
+            )
+            .await
     }
 
     /// Finished jobs whose `finished_at` is before `before_ms` (at most `limit`).
     pub async fn expired(&self, before_ms: i64, limit: i64) -> StoreResult<Vec<String>> {
-        let ids = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') \
-             AND finished_at < ? ORDER BY finished_at LIMIT ?",
-        )
-        .bind(before_ms)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(ids)
+        let ids: Vec<Text> = self
+            .db()
+            .fetch_all(
+                "SELECT id AS v FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') \
+                 AND finished_at < ? ORDER BY finished_at LIMIT ?",
+                args![before_ms, limit],
+            )
+            .await?;
+        Ok(ids.into_iter().map(|Text(id)| id).collect())
     }
 
     /// Deletes a job row and its artifact rows.
     pub async fn delete_job(&self, id: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM jobs WHERE id = ?")
-            .bind(id)
-            .execute(self.pool())
+        self.db()
+            .execute("DELETE FROM jobs WHERE id = ?", args![id])
             .await?;
         Ok(())
     }

@@ -1,7 +1,6 @@
 //! API keys: a key is `afa_` + 64 hex digits (32 random bytes), shown once at creation; the
 //! store keeps only its SHA-256. Revoked keys stay (jobs reference them) but stop working.
-use sqlx::Row;
-
+use super::db::{Cols, FromRow, Int, args};
 use super::{JobStore, StoreResult, now_ms, random_hex, sha256_hex};
 
 /// A stored key (never the token).
@@ -32,16 +31,16 @@ pub fn hash_token(token: &str) -> String {
     sha256_hex(token.as_bytes())
 }
 
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<ApiKeyRow> {
-    Ok(ApiKeyRow {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        max_queued_images: row
-            .try_get::<Option<i64>, _>("max_queued_images")?
-            .map(|n| n.max(0) as u64),
-        created_at: row.try_get("created_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-    })
+impl FromRow for ApiKeyRow {
+    fn from_row(row: &dyn Cols) -> StoreResult<Self> {
+        Ok(ApiKeyRow {
+            id: row.text("id")?,
+            name: row.text("name")?,
+            max_queued_images: row.opt_int("max_queued_images")?.map(|n| n.max(0) as u64),
+            created_at: row.int("created_at")?,
+            revoked_at: row.opt_int("revoked_at")?,
+        })
+    }
 }
 
 impl JobStore {
@@ -54,17 +53,19 @@ impl JobStore {
         let id = format!("key_{}", random_hex(6)?);
         let token = format!("afa_{}", random_hex(32)?);
         let created_at = now_ms();
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, key_hash, max_queued_images, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(name)
-        .bind(hash_token(&token))
-        .bind(max_queued_images.map(|n| n as i64))
-        .bind(created_at)
-        .execute(self.pool())
-        .await?;
+        self.db()
+            .execute(
+                "INSERT INTO api_keys (id, name, key_hash, max_queued_images, created_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+                args![
+                    &id,
+                    name,
+                    hash_token(&token),
+                    max_queued_images.map(|n| n.min(i64::MAX as u64) as i64),
+                    created_at,
+                ],
+            )
+            .await?;
         let row = ApiKeyRow {
             id,
             name: name.to_string(),
@@ -77,43 +78,44 @@ impl JobStore {
 
     /// Every key, oldest first.
     pub async fn list_keys(&self) -> StoreResult<Vec<ApiKeyRow>> {
-        let rows = sqlx::query(
-            "SELECT id, name, max_queued_images, created_at, revoked_at FROM api_keys \
-             ORDER BY created_at, id",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter().map(key_from_row).collect()
+        self.db()
+            .fetch_all(
+                "SELECT id, name, max_queued_images, created_at, revoked_at FROM api_keys \
+                 ORDER BY created_at, id",
+                vec![],
+            )
+            .await
     }
 
     /// Revokes key `id`; false when there is no such key or it was already revoked.
     pub async fn revoke_key(&self, id: &str) -> StoreResult<bool> {
-        let r =
-            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-                .bind(now_ms())
-                .bind(id)
-                .execute(self.pool())
-                .await?;
-        Ok(r.rows_affected() == 1)
+        let n = self
+            .db()
+            .execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                args![now_ms(), id],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// Whether any key was ever created (then every non-probe route needs one).
     pub async fn has_keys(&self) -> StoreResult<bool> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(self.pool())
+        let Int(n) = self
+            .db()
+            .fetch_one("SELECT COUNT(*) AS v FROM api_keys", vec![])
             .await?;
         Ok(n > 0)
     }
 
     /// The live (not revoked) key whose token is `token`.
     pub async fn key_for_token(&self, token: &str) -> StoreResult<Option<ApiKeyRow>> {
-        let row = sqlx::query(
-            "SELECT id, name, max_queued_images, created_at, revoked_at FROM api_keys \
-             WHERE key_hash = ? AND revoked_at IS NULL",
-        )
-        .bind(hash_token(token))
-        .fetch_optional(self.pool())
-        .await?;
-        row.as_ref().map(key_from_row).transpose()
+        self.db()
+            .fetch_optional(
+                "SELECT id, name, max_queued_images, created_at, revoked_at FROM api_keys \
+                 WHERE key_hash = ? AND revoked_at IS NULL",
+                args![hash_token(token)],
+            )
+            .await
     }
 }

@@ -1,26 +1,38 @@
 //! The durable job store (the only module that uses sqlx): SQLite by default (WAL, created on
-//! first start), migrations embedded from `migrations/`, jobs with their status, parameters,
-//! seeds and idempotency keys, artifacts on disk under the data dir (referenced by path and
-//! SHA-256), API keys (hashes only), restart recovery and the expiry sweep. docs/jobs.md has
-//! the schema and the lifecycle.
+//! first start) or PostgreSQL for many replicas on one queue (`db` hides the difference), with
+//! migrations embedded from `migrations/sqlite/` and `migrations/postgres/`; jobs with their
+//! status, parameters, seeds and idempotency keys, lease-based claiming across replicas
+//! (`lease`), artifacts on disk under the data dir (referenced by path and SHA-256), API keys
+//! (hashes only), restart recovery and the expiry sweep. docs/jobs.md has the schema and the
+//! lifecycle.
 mod artifacts;
+pub(crate) mod db;
 mod jobs;
 mod keys;
+mod lease;
 mod remote;
 
-use std::str::FromStr;
-use std::time::Duration;
-
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-
 pub use artifacts::{ArtifactFile, Artifacts};
+pub use db::{Backend, DatabaseUrl, redact_url};
 pub use jobs::{ArtifactRow, Insert, JobRow, JobStatus, NewJob, Recovery};
 pub use keys::{ApiKeyRow, CreatedKey, hash_token};
+pub use lease::{Claim, ClaimLimit, Completion, Lease, Reaped, Renewal};
+
+use db::Db;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database URL is not one the store understands (the URL is shown redacted).
+    #[error("database configuration: {0}")]
+    Config(String),
+    /// The database could not be reached or refused the credentials (the URL is redacted).
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
@@ -44,57 +56,69 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The migrations of `migrations/`, compiled into the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The SQLite migrations of `migrations/sqlite/`, compiled into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// A connection pool onto the job database. Cheap to clone.
+/// The PostgreSQL migrations of `migrations/postgres/` (same versions, same schema, in
+/// PostgreSQL's types). sqlx's PostgreSQL migrator holds a session advisory lock
+/// (`pg_advisory_lock`, keyed by the database name) from before it creates its
+/// `_sqlx_migrations` table until the last migration is applied, and applies each migration in
+/// its own transaction: replicas starting together wait for each other and never see a
+/// half-migrated schema.
+pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// A connection pool onto the job database (SQLite or PostgreSQL). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct JobStore {
-    pool: SqlitePool,
+    db: Db,
 }
 
 impl JobStore {
-    /// Opens (creating the file when missing) and migrates the database at `url`
-    /// (`sqlite://path`, `sqlite::memory:`).
+    /// Opens (creating a SQLite file when missing) and migrates the database at `url`
+    /// (`sqlite://path`, `sqlite::memory:`, `postgres://user:password@host/db`).
     pub async fn open(url: &str) -> StoreResult<Self> {
         let store = Self::connect(url).await?;
         store.migrate().await?;
         Ok(store)
     }
 
-    /// Opens without migrating.
+    /// Opens without migrating. An unknown scheme is a [`StoreError::Config`], an unreachable
+    /// server or refused credentials a [`StoreError::Connect`] (URLs redacted in both).
     pub async fn connect(url: &str) -> StoreResult<Self> {
-        let memory = url.contains(":memory:");
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let options = if memory {
-            options
-        } else {
-            options.journal_mode(SqliteJournalMode::Wal)
-        };
-        // An in-memory database exists per connection: keep exactly one.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(if memory { 1 } else { 4 })
-            .connect_with(options)
-            .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            db: db::connect(url).await?,
+        })
     }
 
     /// Applies the migrations that have not run yet.
     pub async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR.run(&self.pool).await?;
+        match &self.db {
+            Db::Sqlite(p) => MIGRATOR.run(p).await?,
+            Db::Postgres(p) => PG_MIGRATOR.run(p).await?,
+        }
         Ok(())
     }
 
-    pub(crate) fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The embedded migrations of this store's backend.
+    pub fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self.backend() {
+            Backend::Sqlite => &MIGRATOR,
+            Backend::Postgres => &PG_MIGRATOR,
+        }
+    }
+
+    /// Which database this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
     }
 
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.db.close().await;
     }
 }
 

@@ -1,11 +1,18 @@
-//! Store tests, each on a fresh database file: every job state transition, idempotency,
-//! recovery after a crash, keys, artifacts and the expiry query.
+//! Store tests, each on a fresh database, each run twice: on SQLite (a new file) and on
+//! PostgreSQL (a new database on the test server of `tests/common/postgres.rs`; skipped with a
+//! note when PostgreSQL is not installed, a failure when `CI` is set). Every job state
+//! transition, idempotency, recovery after a crash, keys, artifacts and the expiry query;
+//! leases in `tests/lease.rs`, bad configuration in `tests/errors.rs`.
 use serde_json::json;
 
+use super::db::Text;
 use super::*;
 
-/// A fresh database in a new temp folder (removed at the end of the test by `Tmp`).
-struct Tmp(std::path::PathBuf);
+#[path = "../../tests/common/postgres.rs"]
+pub(super) mod pg;
+
+/// A temp folder removed at the end of the test.
+pub(super) struct Tmp(pub std::path::PathBuf);
 
 impl Drop for Tmp {
     fn drop(&mut self) {
@@ -13,37 +20,107 @@ impl Drop for Tmp {
     }
 }
 
-async fn fresh() -> (JobStore, Tmp) {
-    let dir = std::env::temp_dir().join(format!("afa-store-{}", random_hex(8).unwrap()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}", dir.join("jobs.db").display());
-    (JobStore::open(&url).await.unwrap(), Tmp(dir))
+/// A fresh, migrated store, its URL (to open it again, as another process would) and a temp
+/// folder for files.
+pub(super) struct Fresh {
+    pub store: JobStore,
+    pub url: String,
+    pub tmp: Tmp,
 }
 
-fn job(seed: u64, owner: Option<&str>) -> NewJob {
+fn tmp() -> Tmp {
+    let dir = std::env::temp_dir().join(format!("afa-store-{}", random_hex(8).unwrap()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Tmp(dir)
+}
+
+pub(super) async fn fresh_sqlite() -> Fresh {
+    let tmp = tmp();
+    let url = format!("sqlite://{}", tmp.0.join("jobs.db").display());
+    let store = JobStore::open(&url).await.unwrap();
+    Fresh { store, url, tmp }
+}
+
+/// `None` when PostgreSQL is not installed (and `CI` is not set).
+pub(super) async fn fresh_postgres() -> Option<Fresh> {
+    let url = tokio::task::spawn_blocking(pg::fresh_database)
+        .await
+        .unwrap()?;
+    let store = JobStore::open(&url).await.unwrap();
+    assert_eq!(store.backend(), Backend::Postgres);
+    Some(Fresh {
+        store,
+        url,
+        tmp: tmp(),
+    })
+}
+
+/// `on_both_backends!(test_fn, ...)`: for each `async fn test_fn(f: Fresh)`, a test
+/// `sqlite::test_fn` and a test `postgres::test_fn` (multi-threaded runtimes, so concurrent
+/// work in a test really runs in parallel).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::fresh_sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    match super::fresh_postgres().await {
+                        Some(f) => super::$name(f).await,
+                        None => eprintln!("skipped: {} (no PostgreSQL)", stringify!($name)),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+mod errors;
+mod lease;
+
+on_both_backends!(
+    insert_keeps_order_seeds_and_params,
+    success_records_artifacts_and_timings,
+    fail_requeue_and_cancel_transitions,
+    recovery_requeues_in_order_and_fails_exhausted_jobs,
+    idempotency_keys_are_per_owner,
+    concurrent_inserts_with_one_key_make_one_job,
+    quotas_count_queued_and_running_images_per_owner,
+    keys_store_hashes_and_revoke,
+    artifacts_round_trip_and_expire,
+);
+
+pub(super) fn job(seed: u64, owner: Option<&str>) -> NewJob {
     NewJob {
         ensemble: "tiny".into(),
         params: json!({"prompt": "a", "seed": seed, "n": 2}),
         seeds: vec![seed, seed + 1],
         owner: owner.map(String::from),
         idempotency: None,
+        batch_key: None,
     }
 }
 
-async fn insert(store: &JobStore, new: &NewJob) -> JobRow {
+pub(super) async fn insert(store: &JobStore, new: &NewJob) -> JobRow {
     match store.insert_job(new).await.unwrap() {
         Insert::Created(row) => row,
         other => panic!("expected a new job, got {other:?}"),
     }
 }
 
-async fn status(store: &JobStore, id: &str) -> JobStatus {
+pub(super) async fn status(store: &JobStore, id: &str) -> JobStatus {
     store.job(id).await.unwrap().unwrap().status
 }
 
-#[tokio::test]
-async fn insert_keeps_order_seeds_and_params() {
-    let (store, _tmp) = fresh().await;
+async fn insert_keeps_order_seeds_and_params(f: Fresh) {
+    let store = f.store.clone();
     let a = insert(&store, &job(7, None)).await;
     let b = insert(&store, &job(9, None)).await;
     assert_eq!(a.status, JobStatus::Queued);
@@ -57,9 +134,8 @@ async fn insert_keeps_order_seeds_and_params() {
     assert_eq!(store.active_images(Some("key_x")).await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn success_records_artifacts_and_timings() {
-    let (store, _tmp) = fresh().await;
+async fn success_records_artifacts_and_timings(f: Fresh) {
+    let store = f.store.clone();
     let a = insert(&store, &job(1, None)).await;
     let art = ArtifactRow {
         job_id: a.id.clone(),
@@ -102,9 +178,8 @@ async fn success_records_artifacts_and_timings() {
     assert_eq!(status(&store, &a.id).await, JobStatus::Succeeded);
 }
 
-#[tokio::test]
-async fn fail_requeue_and_cancel_transitions() {
-    let (store, _tmp) = fresh().await;
+async fn fail_requeue_and_cancel_transitions(f: Fresh) {
+    let store = f.store.clone();
     let a = insert(&store, &job(1, None)).await;
     let b = insert(&store, &job(2, None)).await;
     let c = insert(&store, &job(3, None)).await;
@@ -133,9 +208,8 @@ async fn fail_requeue_and_cancel_transitions() {
     assert_eq!(store.cancel("job_nope").await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn recovery_requeues_in_order_and_fails_exhausted_jobs() {
-    let (store, tmp) = fresh().await;
+async fn recovery_requeues_in_order_and_fails_exhausted_jobs(f: Fresh) {
+    let store = f.store.clone();
     let ids: Vec<String> = {
         let mut v = Vec::new();
         for s in 0..4 {
@@ -152,9 +226,8 @@ async fn recovery_requeues_in_order_and_fails_exhausted_jobs() {
         }
     }
     store.close().await;
-    // A new process on the same file.
-    let url = format!("sqlite://{}", tmp.0.join("jobs.db").display());
-    let store = JobStore::open(&url).await.unwrap();
+    // A new process on the same database.
+    let store = JobStore::open(&f.url).await.unwrap();
     let r = store.recover(3).await.unwrap();
     assert_eq!(r.requeued, vec![ids[0].clone()]);
     assert_eq!(r.failed, vec![ids[1].clone()]);
@@ -174,9 +247,8 @@ async fn recovery_requeues_in_order_and_fails_exhausted_jobs() {
     assert_eq!(store.recover(10).await.unwrap().requeued.len(), 3);
 }
 
-#[tokio::test]
-async fn idempotency_keys_are_per_owner() {
-    let (store, _tmp) = fresh().await;
+async fn idempotency_keys_are_per_owner(f: Fresh) {
+    let store = f.store.clone();
     let key = store.create_key("k", None).await.unwrap();
     let with = |seed, hash: &str, owner: Option<&str>| NewJob {
         idempotency: Some(("abc".into(), hash.into())),
@@ -205,9 +277,8 @@ async fn idempotency_keys_are_per_owner() {
     assert!(store.job_for(&other.id, None).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn keys_store_hashes_and_revoke() {
-    let (store, _tmp) = fresh().await;
+async fn keys_store_hashes_and_revoke(f: Fresh) {
+    let store = f.store.clone();
     assert!(!store.has_keys().await.unwrap());
     let k = store.create_key("ci", Some(4)).await.unwrap();
     assert!(k.token.starts_with("afa_") && k.token.len() == 68);
@@ -219,10 +290,12 @@ async fn keys_store_hashes_and_revoke() {
         (k.row.id.as_str(), Some(4))
     );
     assert!(store.key_for_token("afa_wrong").await.unwrap().is_none());
-    let hashes: Vec<String> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
-        .fetch_all(store.pool())
+    let hashes: Vec<Text> = store
+        .db()
+        .fetch_all("SELECT key_hash AS v FROM api_keys", vec![])
         .await
         .unwrap();
+    let hashes: Vec<String> = hashes.into_iter().map(|Text(h)| h).collect();
     assert_eq!(hashes, vec![hash_token(&k.token)]);
     assert!(store.revoke_key(&k.row.id).await.unwrap());
     assert!(!store.revoke_key(&k.row.id).await.unwrap());
@@ -234,10 +307,9 @@ async fn keys_store_hashes_and_revoke() {
     assert!(store.list_keys().await.unwrap()[0].revoked_at.is_some());
 }
 
-#[tokio::test]
-async fn artifacts_round_trip_and_expire() {
-    let (store, tmp) = fresh().await;
-    let files = Artifacts::open(tmp.0.join("data")).unwrap();
+async fn artifacts_round_trip_and_expire(f: Fresh) {
+    let store = f.store.clone();
+    let files = Artifacts::open(f.tmp.0.join("data")).unwrap();
     let a = insert(&store, &job(5, None)).await;
     assert!(store.mark_running(&a.id).await.unwrap());
     let rows = files
@@ -282,4 +354,91 @@ async fn memory_databases_work_for_one_connection() {
     let store = JobStore::open("sqlite::memory:").await.unwrap();
     let a = insert(&store, &job(1, None)).await;
     assert_eq!(status(&store, &a.id).await, JobStatus::Queued);
+}
+
+/// Replicas submitting the same request with the same key at once get one job.
+async fn concurrent_inserts_with_one_key_make_one_job(f: Fresh) {
+    let other = JobStore::open(&f.url).await.unwrap();
+    let new = NewJob {
+        idempotency: Some(("retry-1".into(), "h".into())),
+        ..job(3, None)
+    };
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                f.store.clone()
+            } else {
+                other.clone()
+            };
+            let new = new.clone();
+            tokio::spawn(async move { store.insert_job(&new).await.unwrap() })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Insert::Created(row) => {
+                created += 1;
+                ids.insert(row.id);
+            }
+            Insert::Existing(row) => {
+                ids.insert(row.id);
+            }
+            Insert::Conflict(row) => panic!("same body, conflict: {row:?}"),
+        }
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    other.close().await;
+}
+
+/// The quota check's count: queued and running images, per owner, finished ones excluded.
+async fn quotas_count_queued_and_running_images_per_owner(f: Fresh) {
+    let store = f.store.clone();
+    let k = store.create_key("q", Some(3)).await.unwrap();
+    let owner = Some(k.row.id.as_str());
+    let a = insert(&store, &job(1, owner)).await;
+    let b = insert(&store, &job(2, owner)).await;
+    insert(&store, &job(3, None)).await;
+    assert_eq!(store.active_images(owner).await.unwrap(), 4);
+    assert!(store.mark_running(&a.id).await.unwrap());
+    assert_eq!(store.active_images(owner).await.unwrap(), 4);
+    assert!(store.fail(&b.id, "x").await.unwrap());
+    assert_eq!(store.active_images(owner).await.unwrap(), 2);
+    assert_eq!(store.active_images(None).await.unwrap(), 2);
+    let found = store.key_for_token(&k.token).await.unwrap().unwrap();
+    assert_eq!(found.max_queued_images, Some(3));
+}
+
+/// Replicas starting together on an empty PostgreSQL database: every one migrates without
+/// error (sqlx's advisory lock serialises them) and the schema is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrating_at_once_on_postgres_all_succeed() {
+    let Some(url) = tokio::task::spawn_blocking(pg::fresh_database)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL");
+        return;
+    };
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { JobStore::open(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().expect("a replica failed to migrate"));
+    }
+    let super::db::Int(applied) = stores[0]
+        .db()
+        .fetch_one("SELECT COUNT(*) AS v FROM _sqlx_migrations", vec![])
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, PG_MIGRATOR.iter().count());
+    insert(&stores[5], &job(1, None)).await;
+    for s in stores {
+        s.close().await;
+    }
 }

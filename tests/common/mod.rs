@@ -202,3 +202,4 @@ impl Observer for Capture {
         Ok(())
     }
 }
+pub mod postgres;

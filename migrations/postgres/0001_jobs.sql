@@ -1,0 +1,57 @@
+-- The durable job store (docs/jobs.md) on PostgreSQL: the schema of migrations/sqlite/0001 in
+-- PostgreSQL's types (BIGINT for every integer; JSON kept as TEXT so both backends store and
+-- read the same bytes). `queue_order` is drawn from a sequence: replicas insert concurrently.
+CREATE TABLE api_keys (
+    id                TEXT PRIMARY KEY,
+    name              TEXT NOT NULL,
+    -- SHA-256 (hex) of the bearer token; the token itself is never stored.
+    key_hash          TEXT NOT NULL UNIQUE,
+    -- Most images this key may have queued or running at once (NULL: no limit).
+    max_queued_images BIGINT,
+    created_at        BIGINT NOT NULL,
+    revoked_at        BIGINT
+);
+
+CREATE TABLE jobs (
+    id              TEXT PRIMARY KEY,
+    -- Submission order; the dispatcher feeds queued jobs to the worker in this order.
+    queue_order     BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    status          TEXT NOT NULL
+                    CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    ensemble        TEXT NOT NULL,
+    -- The validated request with every default and the seed resolved (JSON object).
+    params          TEXT NOT NULL,
+    -- One seed per image (JSON array).
+    seeds           TEXT NOT NULL,
+    images          BIGINT NOT NULL,
+    owner_key_id    TEXT REFERENCES api_keys (id),
+    idempotency_key TEXT,
+    request_hash    TEXT,
+    -- Times the job was handed to the worker.
+    attempts        BIGINT NOT NULL DEFAULT 0,
+    error           TEXT,
+    -- Per-stage timings of the finished job (JSON object).
+    timings         TEXT,
+    -- Unix milliseconds.
+    created_at      BIGINT NOT NULL,
+    started_at      BIGINT,
+    finished_at     BIGINT
+);
+
+CREATE UNIQUE INDEX jobs_idempotency
+    ON jobs (COALESCE(owner_key_id, ''), idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_status_order ON jobs (status, queue_order);
+CREATE INDEX jobs_owner ON jobs (owner_key_id);
+
+CREATE TABLE artifacts (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx    BIGINT NOT NULL,
+    -- 'png' (the image) or 'maps' (the attention-map bundle, JSON).
+    kind   TEXT NOT NULL CHECK (kind IN ('png', 'maps')),
+    -- Relative to the data dir.
+    path   TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes  BIGINT NOT NULL,
+    PRIMARY KEY (job_id, idx, kind)
+);

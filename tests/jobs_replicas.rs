@@ -1,0 +1,148 @@
+//! Leases and replicas through the job service over a fake engine: the heartbeat stops jobs
+//! cancelled or taken over elsewhere, released jobs run again once, and two replicas share one
+//! PostgreSQL queue (skipped with a note when PostgreSQL is not installed; a failure when `CI`
+//! is set).
+mod http_support;
+mod jobs_support;
+#[path = "common/postgres.rs"]
+mod postgres;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use afa::api::ApiConfig;
+use afa::store::JobStatus;
+use jobs_support::*;
+use serde_json::{Value, json};
+
+/// Waits until job `id` is executing in the worker (steps advancing).
+async fn wait_executing(s: &JobServer, id: &str) {
+    let t = Instant::now();
+    while s.jobs.live(id).is_none_or(|l| l.step == 0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{id} never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the worker dropped `n` images in all and job `id` is no longer followed.
+async fn wait_dropped(s: &JobServer, id: &str, n: usize) {
+    let t = Instant::now();
+    while s.control.cancelled_images.load(Ordering::SeqCst) < n || s.jobs.live(id).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{id} was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A cancel recorded only in the row (another replica's DELETE) and a job changed by someone
+/// else (its lease lost) reach the running job through the heartbeat, which drops it; the row
+/// keeps what the other party wrote.
+#[tokio::test]
+async fn the_heartbeat_stops_jobs_cancelled_elsewhere_or_taken_over() {
+    let s = start_jobs(100, Duration::from_secs(3600), ApiConfig::default());
+    let long = json!({"prompt": "long", "steps": 200});
+    let a: Value = submit(&s, long.clone(), None).await.json().await.unwrap();
+    let a = a["id"].as_str().unwrap().to_string();
+    wait_executing(&s, &a).await;
+    assert_eq!(
+        s.jobs.store.cancel(&a).await.unwrap(),
+        Some(JobStatus::Running)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.control.cancelled_images.load(Ordering::SeqCst),
+        0,
+        "nothing but the heartbeat tells this replica"
+    );
+    afa::jobs::beat(&s.jobs).await;
+    wait_dropped(&s, &a, 1).await;
+    assert_eq!(finished(&s, &a, None).await["status"], "cancelled");
+
+    let b: Value = submit(&s, long, None).await.json().await.unwrap();
+    let b = b["id"].as_str().unwrap().to_string();
+    wait_executing(&s, &b).await;
+    assert!(s.jobs.store.fail(&b, "taken over").await.unwrap());
+    afa::jobs::beat(&s.jobs).await;
+    wait_dropped(&s, &b, 2).await;
+    let row = s.jobs.store.job(&b).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.error.as_deref()),
+        (JobStatus::Failed, Some("taken over"))
+    );
+}
+
+/// Two replicas on one PostgreSQL database share its queue: jobs submitted to either run once
+/// each, on one of them, and either answers for every job.
+#[tokio::test]
+async fn two_replicas_on_postgres_run_every_job_once() {
+    let Some(url) = tokio::task::spawn_blocking(postgres::fresh_database)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL");
+        return;
+    };
+    let ttl = Duration::from_secs(3600);
+    let replicas = [
+        start_jobs_on(Some(url.clone()), 20, ttl, ApiConfig::default()),
+        start_jobs_on(Some(url), 20, ttl, ApiConfig::default()),
+    ];
+    let mut ids = Vec::new();
+    for i in 0..12u64 {
+        let body = json!({"prompt": format!("p{i}"), "steps": 5, "seed": i, "n": 1 + i % 2});
+        let v: Value = submit(&replicas[(i % 2) as usize], body, None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let names: Vec<&str> = replicas.iter().map(|r| r.jobs.replica.as_str()).collect();
+    let mut ran = [0; 2];
+    for (i, id) in ids.iter().enumerate() {
+        let v = finished(&replicas[(i + 1) % 2], id, None).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+        let row = replicas[0].jobs.store.job(id).await.unwrap().unwrap();
+        assert_eq!(row.attempts, 1, "{id} ran more than once");
+        let owner = row.lease_owner.unwrap();
+        let r = names
+            .iter()
+            .position(|n| *n == owner)
+            .expect("a replica ran it");
+        ran[r] += 1;
+    }
+    let images: u64 = ids.len() as u64 + 6;
+    let done: u64 = replicas
+        .iter()
+        .map(|r| r.control.finished_images.load(Ordering::SeqCst) as u64)
+        .sum();
+    eprintln!("jobs run per replica: {ran:?}; images {done}");
+    assert!(
+        done >= images,
+        "every image was generated: {done} < {images}"
+    );
+}
+
+/// A draining server gives its unfinished jobs back (the attempt not counted); here the same
+/// server claims the job again at once, which stops the older attempt still running, and the
+/// job succeeds once.
+#[tokio::test]
+async fn released_jobs_run_again_and_the_older_attempt_stops() {
+    let s = start_jobs(50, Duration::from_secs(3600), ApiConfig::default());
+    let v: Value = submit(&s, json!({"prompt": "p", "steps": 30, "seed": 1}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_executing(&s, &id).await;
+    assert_eq!(s.jobs.release_held().await, 1);
+    let v = finished(&s, &id, None).await;
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let row = s.jobs.store.job(&id).await.unwrap().unwrap();
+    assert_eq!(row.attempts, 1, "a released attempt is not counted");
+    assert!(s.control.cancelled_images.load(Ordering::SeqCst) >= 1);
+    assert_eq!(s.jobs.store.artifacts(&id).await.unwrap().len(), 1);
+}
