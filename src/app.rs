@@ -148,6 +148,7 @@ async fn serve_registry(settings: ServeSettings, registry: ModelRegistry) -> any
         codec,
         jobs_stop_rx.clone(),
     ));
+    tokio::spawn(jobs::run_health_probe(jobs.clone(), jobs_stop_rx.clone()));
     tokio::spawn(jobs::run_sweeper(jobs.clone(), jobs_stop_rx));
     let listener = TcpListener::bind(&settings.bind)
         .await

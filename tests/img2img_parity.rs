@@ -9,12 +9,10 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use afa::pipeline::{
-    BatchRequest, ImageSpec, InitImage, Observer, SdPipeline, SingleUNet, Strength,
-};
+use afa::pipeline::{BatchRequest, ImageSpec, InitImage, SdPipeline, SingleUNet, Strength};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
-use common::{Capture, bound, max_abs_diff};
+use common::{CancelFirst, Capture, bound, max_abs_diff};
 
 const FIXTURES: &str = "tests/fixtures/img2img";
 
@@ -195,21 +193,6 @@ fn inpainting_keeps_the_known_region_exactly() {
     }
 }
 
-/// Cancels image 0 once `after` steps are done.
-struct CancelFirst {
-    done: usize,
-    after: usize,
-}
-
-impl Observer for CancelFirst {
-    fn step(&mut self, done: usize, _total: usize) {
-        self.done = done;
-    }
-    fn is_image_cancelled(&self, index: usize) -> bool {
-        index == 0 && self.done >= self.after
-    }
-}
-
 #[test]
 fn an_init_image_gives_the_same_result_alone_in_a_batch_or_beside_a_cancelled_one() {
     let p = common::single_pipeline(common::tiny_sd());
@@ -226,9 +209,7 @@ fn an_init_image_gives_the_same_result_alone_in_a_batch_or_beside_a_cancelled_on
             both.images[1].png, one.images[0].png,
             "{kind}: batch vs alone"
         );
-        let cancelled = p
-            .generate(&req, &mut CancelFirst { done: 0, after: 2 })
-            .unwrap();
+        let cancelled = p.generate(&req, &mut CancelFirst::after(2)).unwrap();
         assert_eq!(cancelled.images.len(), 1);
         let diff = cancelled.images[0]
             .rgb

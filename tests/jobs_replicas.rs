@@ -146,3 +146,64 @@ async fn released_jobs_run_again_and_the_older_attempt_stops() {
     assert!(s.control.cancelled_images.load(Ordering::SeqCst) >= 1);
     assert_eq!(s.jobs.store.artifacts(&id).await.unwrap().len(), 1);
 }
+
+/// Losing the job database turns `/ready` to 503 (`database_unavailable`, with Retry-After),
+/// and it comes back to 200 by itself once the database answers again.
+#[tokio::test]
+async fn losing_the_database_turns_ready_503_and_back() {
+    let Some(url) = tokio::task::spawn_blocking(postgres::fresh_database)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL");
+        return;
+    };
+    let name = url.rsplit('/').next().unwrap().to_string();
+    let admin_url = format!("{}/postgres", url.rsplit_once('/').unwrap().0);
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    let s = start_jobs_on(
+        Some(url),
+        5,
+        Duration::from_secs(3600),
+        ApiConfig::default(),
+    );
+    let ready = || async {
+        let r = get(&s, "/ready", None).await;
+        let retry = r.headers().contains_key("retry-after");
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or_default();
+        (status, retry, body)
+    };
+    assert_eq!(ready().await.0, 200);
+    let until = |want: u16| async move {
+        let t = Instant::now();
+        loop {
+            let (status, retry, body) = ready().await;
+            if status == want {
+                return (retry, body);
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "/ready never {want}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    for sql in [
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+        format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&admin).await.unwrap();
+    }
+    let (retry, body) = until(503).await;
+    assert!(retry, "a 503 from /ready carries Retry-After");
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    until(200).await;
+}

@@ -10,7 +10,7 @@ use afa::loading::checkpoint::ModelSource;
 use afa::pipeline::{BatchRequest, ImageSpec, Observer, PipelineError, SdPipeline, SingleUNet};
 use afa::schedulers::SchedulerKind;
 use candle_core::{DType, Device, Tensor};
-use common::{Capture, bound, max_abs_diff};
+use common::{CancelFirst, Capture, bound, max_abs_diff};
 
 const FIXTURES: &str = "tests/fixtures/pipeline";
 
@@ -162,30 +162,13 @@ fn invalid_requests_name_the_field() {
     }
 }
 
-/// Cancels image 0 once `after` steps are done.
-struct CancelFirst {
-    done: usize,
-    after: usize,
-}
-
-impl Observer for CancelFirst {
-    fn step(&mut self, done: usize, _total: usize) {
-        self.done = done;
-    }
-    fn is_image_cancelled(&self, index: usize) -> bool {
-        index == 0 && self.done >= self.after
-    }
-}
-
 #[test]
 fn an_image_cancelled_mid_run_leaves_the_others_unchanged() {
     let p = pipeline(diffusers_folder());
     for kind in [SchedulerKind::DpmPp2m, SchedulerKind::EulerAncestral] {
         let mut req = reference_request(kind, None);
         req.steps = 5;
-        let out = p
-            .generate(&req, &mut CancelFirst { done: 0, after: 2 })
-            .unwrap();
+        let out = p.generate(&req, &mut CancelFirst::after(2)).unwrap();
         assert_eq!(out.images.len(), 1);
         assert_eq!(out.images[0].index, 1);
         let mut alone = req.clone();

@@ -4,36 +4,16 @@
 //! never changes the final images (byte-identical PNGs), for every sampler.
 mod common;
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
-use afa::loading::checkpoint::{LoadedModel, ModelSource, load_model};
 use afa::pipeline::preview::preview_steps;
 use afa::pipeline::{
-    BatchRequest, ImageSpec, Limits, MapsRequest, Observer, SdPipeline, SingleUNet,
+    BatchRequest, ImageSpec, InitImage, MapsRequest, Observer, SdPipeline, SingleUNet, Strength,
 };
 use afa::schedulers::SchedulerKind;
 
 fn pipeline() -> SdPipeline<SingleUNet> {
-    let source = ModelSource {
-        model: PathBuf::from("tests/fixtures/tiny-sd"),
-        ..Default::default()
-    };
-    let LoadedModel {
-        unet,
-        text_encoder,
-        vae,
-        tokenizer,
-        scheduler,
-    } = load_model(&source, common::dtype(), &common::device()).unwrap();
-    SdPipeline {
-        tokenizer,
-        denoiser: SingleUNet { text_encoder, unet },
-        vae,
-        scheduler_config: scheduler,
-        device: common::device(),
-        model_name: "tiny".into(),
-        limits: Limits::default(),
-    }
+    common::single_pipeline(common::tiny_sd())
 }
 
 fn request(kind: SchedulerKind, steps: usize) -> BatchRequest {
@@ -109,9 +89,30 @@ fn previews_are_real_and_leave_the_final_images_unchanged() {
 #[test]
 fn a_preview_after_the_last_step_is_the_final_image() {
     let p = pipeline();
-    // Euler-a and DPM++ end at noise level 0, where the predicted x0 is the result.
-    for kind in [SchedulerKind::EulerAncestral, SchedulerKind::DpmPp2m] {
-        let req = request(kind, 3);
+    // Euler-a and DPM++ end at noise level 0, where the predicted x0 is the result; an
+    // inpainting preview has the known region the final image keeps.
+    let inpaint = |mut req: BatchRequest| {
+        let init = Arc::new(InitImage {
+            rgb: (0..64 * 64 * 3).map(|v| (v % 251) as u8).collect(),
+            mask: Some(
+                (0..64 * 64)
+                    .map(|k| if k % 64 < 32 { 255 } else { 0 })
+                    .collect(),
+            ),
+        });
+        for image in &mut req.images {
+            image.init = Some(init.clone());
+        }
+        req.strength = Some(Strength::new(0.75).unwrap());
+        req.steps = 4;
+        req
+    };
+    let kinds = [SchedulerKind::EulerAncestral, SchedulerKind::DpmPp2m];
+    let requests = kinds
+        .iter()
+        .map(|&k| (k, request(k, 3)))
+        .chain(kinds.iter().map(|&k| (k, inpaint(request(k, 4)))));
+    for (kind, req) in requests {
         let mut obs = Previews {
             at: vec![3],
             of: 0,

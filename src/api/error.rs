@@ -59,6 +59,9 @@ pub enum ApiError {
     /// 503: shutting down.
     #[error("the server is shutting down; retry on another replica")]
     Draining { retry_after: Duration },
+    /// 503: the job database does not answer (readiness only; it comes back by itself).
+    #[error("the job database does not answer; retry after {}s", retry_secs(*retry_after))]
+    DatabaseDown { retry_after: Duration },
     /// 503: the job was cancelled by the server (for example at the end of a shutdown grace).
     #[error("the job was cancelled by the server")]
     Cancelled,
@@ -97,6 +100,7 @@ impl ApiError {
             ApiError::NotReady { .. }
             | ApiError::Unavailable(_)
             | ApiError::Draining { .. }
+            | ApiError::DatabaseDown { .. }
             | ApiError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -118,6 +122,7 @@ impl ApiError {
             ApiError::NotReady { .. } => "not_ready",
             ApiError::Unavailable(_) => "models_failed",
             ApiError::Draining { .. } => "draining",
+            ApiError::DatabaseDown { .. } => "database_unavailable",
             ApiError::Cancelled => "cancelled",
             ApiError::TimedOut(_) => "timeout",
             ApiError::Internal(_) => "internal_error",
@@ -131,6 +136,7 @@ impl ApiError {
             ApiError::NotReady { .. }
             | ApiError::Unavailable(_)
             | ApiError::Draining { .. }
+            | ApiError::DatabaseDown { .. }
             | ApiError::Cancelled
             | ApiError::TimedOut(_)
             | ApiError::Internal(_) => "server_error",
@@ -152,7 +158,8 @@ impl ApiError {
         match self {
             ApiError::QueueFull { retry_after }
             | ApiError::NotReady { retry_after }
-            | ApiError::Draining { retry_after } => Some(*retry_after),
+            | ApiError::Draining { retry_after }
+            | ApiError::DatabaseDown { retry_after } => Some(*retry_after),
             _ => None,
         }
     }

@@ -33,6 +33,11 @@ pub async fn health() -> axum::Json<Status> {
 ))]
 pub async fn ready(State(state): State<ApiState>) -> Result<axum::Json<Status>, ApiError> {
     state.ready_catalog()?;
+    if state.jobs.as_ref().is_some_and(|j| !j.database_ok()) {
+        return Err(ApiError::DatabaseDown {
+            retry_after: crate::jobs::HEALTH_EVERY,
+        });
+    }
     Ok(axum::Json(Status {
         status: "ready".into(),
     }))

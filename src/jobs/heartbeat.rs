@@ -10,20 +10,9 @@ use tokio::sync::watch;
 use super::service::JobService;
 
 /// Renews and reaps leases until `stop` turns true.
-pub async fn run_heartbeat(jobs: Arc<JobService>, mut stop: watch::Receiver<bool>) {
+pub async fn run_heartbeat(jobs: Arc<JobService>, stop: watch::Receiver<bool>) {
     let every = (jobs.config.lease / 3).max(Duration::from_millis(50));
-    while !*stop.borrow() {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            changed = stop.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                continue;
-            }
-        }
-        beat(&jobs).await;
-    }
+    super::periodically(every, stop, || beat(&jobs)).await;
 }
 
 /// One renewal and reaping round.

@@ -1,7 +1,7 @@
 //! The job service: the store, the artifact files and the live progress (and lease) of
 //! dispatched jobs, shared by the HTTP routes, the dispatcher, the followers and the heartbeat.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,9 +78,16 @@ pub struct JobService {
     pub(super) freed: Notify,
     pub(super) in_flight: AtomicUsize,
     pub(super) in_flight_images: AtomicUsize,
+    /// Whether the database answered the last health probe (`health.rs`).
+    pub(super) database_ok: AtomicBool,
 }
 
 impl JobService {
+    /// Whether the job database answered the last health probe (true until one fails).
+    pub fn database_ok(&self) -> bool {
+        self.database_ok.load(Ordering::SeqCst)
+    }
+
     pub fn new(store: JobStore, artifacts: Artifacts, config: JobsConfig) -> Self {
         let replica = format!(
             "replica-{}",
@@ -96,6 +103,7 @@ impl JobService {
             freed: Notify::new(),
             in_flight: AtomicUsize::new(0),
             in_flight_images: AtomicUsize::new(0),
+            database_ok: AtomicBool::new(true),
         }
     }
 

@@ -8,26 +8,18 @@ use super::service::JobService;
 use crate::store::now_ms;
 
 /// Removes finished jobs older than the TTL, files first, then rows, until `stop` turns true.
-pub async fn run_sweeper(jobs: Arc<JobService>, mut stop: watch::Receiver<bool>) {
+pub async fn run_sweeper(jobs: Arc<JobService>, stop: watch::Receiver<bool>) {
     let ttl = jobs.config.result_ttl;
     let every = (ttl / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
-    while !*stop.borrow() {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            changed = stop.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                continue;
-            }
-        }
+    super::periodically(every, stop, || async {
         let before = now_ms() - ttl.as_millis() as i64;
         match sweep(&jobs, before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired jobs removed"),
             Err(e) => tracing::error!("sweeping expired jobs: {e}"),
         }
-    }
+    })
+    .await;
 }
 
 /// Removes the jobs that finished before `before_ms`; how many.

@@ -266,6 +266,10 @@ impl<D: Denoiser> SdPipeline<D> {
             }
             observer.step(i + 1 - start, steps - start);
             if let Some(preview) = preview {
+                let preview = match &init {
+                    Some(init) => preview.map_x0(|x0, rows| init.paste_known(x0, rows))?,
+                    None => preview,
+                };
                 preview.send(&self.vae, observer)?;
             }
         }

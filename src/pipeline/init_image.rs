@@ -207,6 +207,18 @@ impl InitLatents {
         Ok((known.broadcast_mul(&keep)? + latents.broadcast_mul(mask)?)?)
     }
 
+    /// A preview's x0 (`[k, C, h, w]` for the batch rows `rows`, `[k]` u32) with the known
+    /// region of masked images replaced by the init latents, as the final image will have it.
+    pub(crate) fn paste_known(&self, x0: &Tensor, rows: &Tensor) -> Result<Tensor, PipelineError> {
+        let Some(mask) = &self.mask else {
+            return Ok(x0.clone());
+        };
+        let mask = mask.index_select(rows, 0)?;
+        let known = self.latents.index_select(rows, 0)?;
+        let keep = (1.0 - &mask)?;
+        Ok((known.broadcast_mul(&keep)? + x0.broadcast_mul(&mask)?)?)
+    }
+
     /// Keeps these rows (`[R]` u32; images cancelled mid-run are dropped).
     pub(crate) fn retain_rows(
         &mut self,

@@ -37,6 +37,8 @@ pub(super) struct PendingPreview {
     x0: Tensor,
     /// Their indices in the request, in row order.
     indices: Vec<usize>,
+    /// `[k]` u32: their rows in the running batch.
+    rows: Tensor,
     done: usize,
     total: usize,
 }
@@ -73,12 +75,23 @@ pub(super) fn predict(
     Ok(Some(PendingPreview {
         x0,
         indices,
+        rows,
         done,
         total,
     }))
 }
 
 impl PendingPreview {
+    /// Replaces x0 by `f(x0, rows)` (`[k, C, h, w]`, `[k]` u32 batch rows), e.g. to paste an
+    /// inpainting's known region into the preview.
+    pub(super) fn map_x0(
+        mut self,
+        f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor, PipelineError>,
+    ) -> Result<Self, PipelineError> {
+        self.x0 = f(&self.x0, &self.rows)?;
+        Ok(self)
+    }
+
     /// Decodes the previews with `vae` and hands each to `observer`.
     pub(super) fn send(
         self,

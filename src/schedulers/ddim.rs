@@ -102,24 +102,9 @@ impl Scheduler for Ddim {
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, SchedulerError> {
         check_step(model_output, sample, step_index, self.timesteps.len())?;
-        let (a_t, a_prev) = self.alphas[step_index];
-        let b_t = 1.0f32 - a_t;
-        let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
+        let a_prev = self.alphas[step_index].1;
         let mo = model_output.to_dtype(sample.dtype())?;
-        let (mut x0, eps) = match self.prediction {
-            PredictionType::Epsilon => {
-                let x0 = div_scalar(&(sample - mul_scalar(&mo, sb)?)?, sa)?;
-                (x0, mo)
-            }
-            PredictionType::VPrediction => {
-                let x0 = (mul_scalar(sample, sa)? - mul_scalar(&mo, sb)?)?;
-                let eps = (mul_scalar(&mo, sa)? + mul_scalar(sample, sb)?)?;
-                (x0, eps)
-            }
-        };
-        if let Some(r) = self.clip {
-            x0 = x0.clamp(-r, r)?;
-        }
+        let (x0, eps) = self.x0_and_eps(sample, mo, step_index)?;
         // eta = 0: std_dev_t = 0, no noise.
         let dir = mul_scalar(&eps, (1.0f32 - a_prev).sqrt())?;
         let prev = (mul_scalar(&x0, a_prev.sqrt())? + dir)?;
@@ -150,16 +135,34 @@ impl Scheduler for Ddim {
         sample: &Tensor,
     ) -> Result<Tensor, SchedulerError> {
         check_step(model_output, sample, step_index, self.timesteps.len())?;
-        let (a_t, _) = self.alphas[step_index];
-        let (sa, sb) = (a_t.sqrt(), (1.0f32 - a_t).sqrt());
         let mo = model_output.to_dtype(sample.dtype())?;
-        let mut x0 = match self.prediction {
-            PredictionType::Epsilon => div_scalar(&(sample - mul_scalar(&mo, sb)?)?, sa)?,
-            PredictionType::VPrediction => (mul_scalar(sample, sa)? - mul_scalar(&mo, sb)?)?,
+        let (x0, _) = self.x0_and_eps(sample, mo, step_index)?;
+        Ok(x0.to_dtype(model_output.dtype())?)
+    }
+}
+
+impl Ddim {
+    /// The predicted x0 (clipped when the config says so) and noise at step `step_index`, from
+    /// `sample` and the model output `mo` in the sample's dtype (both [B, C, H, W]).
+    fn x0_and_eps(
+        &self,
+        sample: &Tensor,
+        mo: Tensor,
+        step_index: usize,
+    ) -> Result<(Tensor, Tensor), SchedulerError> {
+        let a_t = self.alphas[step_index].0;
+        let (sa, sb) = (a_t.sqrt(), (1.0f32 - a_t).sqrt());
+        let (mut x0, eps) = match self.prediction {
+            PredictionType::Epsilon => (div_scalar(&(sample - mul_scalar(&mo, sb)?)?, sa)?, mo),
+            PredictionType::VPrediction => {
+                let x0 = (mul_scalar(sample, sa)? - mul_scalar(&mo, sb)?)?;
+                let eps = (mul_scalar(&mo, sa)? + mul_scalar(sample, sb)?)?;
+                (x0, eps)
+            }
         };
         if let Some(r) = self.clip {
             x0 = x0.clamp(-r, r)?;
         }
-        Ok(x0.to_dtype(model_output.dtype())?)
+        Ok((x0, eps))
     }
 }

@@ -147,6 +147,21 @@ impl DpmSolverMultistep {
     pub fn sigmas(&self) -> Vec<f64> {
         self.sigmas.iter().map(|&s| f64::from(s)).collect()
     }
+
+    /// The data prediction x0 at step `step_index` from the sample `x` and model output `mo`
+    /// (both [B, C, H, W] in the working dtype), as diffusers' `convert_model_output`.
+    fn data_prediction(
+        &self,
+        x: &Tensor,
+        mo: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
+        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[step_index]);
+        Ok(match self.prediction {
+            PredictionType::Epsilon => div_scalar(&(x - mul_scalar(mo, sigma)?)?, alpha)?,
+            PredictionType::VPrediction => (mul_scalar(x, alpha)? - mul_scalar(mo, sigma)?)?,
+        })
+    }
 }
 
 impl Scheduler for DpmSolverMultistep {
@@ -171,13 +186,8 @@ impl Scheduler for DpmSolverMultistep {
         let dt_work = work_dtype(sample);
         let x = sample.to_dtype(dt_work)?;
         let mo = model_output.to_dtype(dt_work)?;
-        let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[step_index]);
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => div_scalar(&(&x - mul_scalar(&mo, sigma_s0)?)?, alpha_s0)?,
-            PredictionType::VPrediction => {
-                (mul_scalar(&x, alpha_s0)? - mul_scalar(&mo, sigma_s0)?)?
-            }
-        };
+        let (_, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[step_index]);
+        let x0 = self.data_prediction(&x, &mo, step_index)?;
         let (alpha_t, sigma_t, lambda_t) = alpha_sigma_lambda(self.sigmas[step_index + 1]);
         let h = lambda_t - lambda_s0;
         let c_x = sigma_t / sigma_s0;
@@ -241,11 +251,7 @@ impl Scheduler for DpmSolverMultistep {
         let dt_work = work_dtype(sample);
         let x = sample.to_dtype(dt_work)?;
         let mo = model_output.to_dtype(dt_work)?;
-        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[step_index]);
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => div_scalar(&(&x - mul_scalar(&mo, sigma)?)?, alpha)?,
-            PredictionType::VPrediction => (mul_scalar(&x, alpha)? - mul_scalar(&mo, sigma)?)?,
-        };
+        let x0 = self.data_prediction(&x, &mo, step_index)?;
         Ok(x0.to_dtype(model_output.dtype())?)
     }
 

@@ -115,13 +115,7 @@ impl Scheduler for EulerAncestral {
         let x = sample.to_dtype(dt_work)?;
         let mo = model_output.to_dtype(dt_work)?;
         let sigma = self.sigmas[step_index];
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => (&x - mul_scalar(&mo, sigma)?)?,
-            PredictionType::VPrediction => {
-                let s2 = sigma * sigma + 1.0;
-                (mul_scalar(&mo, -sigma / s2.sqrt())? + div_scalar(&x, s2)?)?
-            }
-        };
+        let x0 = self.data_prediction(&x, &mo, step_index)?;
         let (from, to) = (sigma, self.sigmas[step_index + 1]);
         let sigma_up = ((to * to) * (from * from - to * to) / (from * from)).sqrt();
         let sigma_down = (to * to - sigma_up * sigma_up).max(0.0).sqrt();
@@ -158,14 +152,27 @@ impl Scheduler for EulerAncestral {
         let dt_work = work_dtype(sample);
         let x = sample.to_dtype(dt_work)?;
         let mo = model_output.to_dtype(dt_work)?;
+        let x0 = self.data_prediction(&x, &mo, step_index)?;
+        Ok(x0.to_dtype(model_output.dtype())?)
+    }
+}
+
+impl EulerAncestral {
+    /// x0 at step `step_index` from the sample `x` and model output `mo` (both [B, C, H, W] in
+    /// the working dtype): what `step` moves towards and `predicted_original` reports.
+    fn data_prediction(
+        &self,
+        x: &Tensor,
+        mo: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
         let sigma = self.sigmas[step_index];
-        let x0 = match self.prediction {
-            PredictionType::Epsilon => (&x - mul_scalar(&mo, sigma)?)?,
+        Ok(match self.prediction {
+            PredictionType::Epsilon => (x - mul_scalar(mo, sigma)?)?,
             PredictionType::VPrediction => {
                 let s2 = sigma * sigma + 1.0;
-                (mul_scalar(&mo, -sigma / s2.sqrt())? + div_scalar(&x, s2)?)?
+                (mul_scalar(mo, -sigma / s2.sqrt())? + div_scalar(x, s2)?)?
             }
-        };
-        Ok(x0.to_dtype(model_output.dtype())?)
+        })
     }
 }

@@ -18,6 +18,8 @@ pub use jobs::{ArtifactRow, Insert, JobRow, JobStatus, NewJob, Recovery};
 pub use keys::{ApiKeyRow, CreatedKey, hash_token};
 pub use lease::{Claim, ClaimLimit, Completion, Lease, Reaped, Renewal};
 
+use std::time::Duration;
+
 use db::Db;
 
 /// Why a store operation failed.
@@ -114,6 +116,20 @@ impl JobStore {
 
     pub(crate) fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// One trivial query (`SELECT 1`), within `limit`: whether the database answers now.
+    pub async fn ping(&self, limit: Duration) -> StoreResult<()> {
+        let query = async {
+            match &self.db {
+                Db::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+                Db::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            }
+        };
+        match tokio::time::timeout(limit, query).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Db(sqlx::Error::PoolTimedOut)),
+        }
     }
 
     /// Closes the pool (waits for connections to be returned).

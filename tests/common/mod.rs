@@ -203,3 +203,27 @@ impl Observer for Capture {
     }
 }
 pub mod postgres;
+
+/// Cancels image 0 once `after` steps are done.
+pub struct CancelFirst {
+    done: usize,
+    after: usize,
+}
+
+impl CancelFirst {
+    pub fn after(steps: usize) -> Self {
+        Self {
+            done: 0,
+            after: steps,
+        }
+    }
+}
+
+impl Observer for CancelFirst {
+    fn step(&mut self, done: usize, _total: usize) {
+        self.done = done;
+    }
+    fn is_image_cancelled(&self, index: usize) -> bool {
+        index == 0 && self.done >= self.after
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use afa::api::{ApiConfig, ApiState, HttpJobCodec, router};
-use afa::jobs::{JobService, JobsConfig, run_dispatcher, run_sweeper};
+use afa::jobs::{JobService, JobsConfig, run_dispatcher, run_health_probe, run_sweeper};
 use afa::pipeline::{ImageSpec, Observer};
 use afa::store::{Artifacts, JobStore};
 use afa::worker::{BatchKey, BatchOutcome, Catalog, Engine, EngineLoader, JobError, start_worker};
@@ -102,6 +102,7 @@ pub fn start_jobs_on(
                 codec,
                 stop_rx.clone(),
             ));
+            tokio::spawn(run_health_probe(jobs.clone(), stop_rx.clone()));
             tokio::spawn(run_sweeper(jobs.clone(), stop_rx));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let server = Server {
