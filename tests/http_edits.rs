@@ -265,3 +265,59 @@ async fn hostile_uploads_are_refused_by_field() {
     let ready = reqwest::get(server().url("/ready")).await.unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test]
+async fn native_routes_take_uploads_as_a_form() {
+    let white_left = png_of(image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(
+        96,
+        72,
+        |x, _| image::Luma([if x < 48 { 255 } else { 0 }]),
+    )));
+    let form = Form::new()
+        .part("init_image", image_part(picture()))
+        .part("mask", image_part(white_left))
+        .text("prompt", "a lighthouse")
+        .text("steps", "2")
+        .text("seed", "5")
+        .text("strength", "0.9")
+        .text("width", "64")
+        .text("height", "64");
+    let resp = reqwest::Client::new()
+        .post(server().url("/generate"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["parameters"]["strength"], 0.9);
+    let (w, h, _) = decode_png(&first_png(&body, "png_base64"));
+    assert_eq!((w, h), (64, 64));
+    for (form, param) in [
+        (
+            Form::new().text("prompt", "a").text("steps", "many"),
+            "steps",
+        ),
+        (
+            Form::new()
+                .text("prompt", "a")
+                .part("mask", image_part(picture())),
+            "mask",
+        ),
+        (
+            Form::new()
+                .text("prompt", "a")
+                .part("init_image", image_part(b"nope".to_vec())),
+            "init_image",
+        ),
+    ] {
+        let resp = reqwest::Client::new()
+            .post(server().url("/generate"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let (status, got, body) = envelope(resp).await;
+        assert_eq!((status, got.as_deref()), (400, Some(param)), "{body}");
+    }
+}

@@ -3,9 +3,13 @@
 //! inpainting request. OpenAI's mask is transparent (alpha 0) where the picture is edited; a
 //! picture with transparent pixels and no mask is its own mask, as OpenAI does; otherwise the
 //! whole picture is redrawn (image-to-image at `strength`). Text fields are read as the JSON
-//! they stand for and checked like the generations request, so errors name the field.
-use axum::extract::Multipart;
+//! they stand for and checked like the generations request, so errors name the field. The
+//! native routes take the same kind of form (`init_image`, `mask` as uploads) as an
+//! alternative to JSON with base64 pictures.
+use axum::body::Bytes;
 use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart};
+use axum::http::{HeaderMap, header};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::Deserialize;
@@ -94,10 +98,12 @@ pub struct OpenAiEditForm {
 }
 
 /// Fields whose text is a number or a boolean in the JSON they stand for.
-const NUMBER_FIELDS: [&str; 9] = [
+const NUMBER_FIELDS: [&str; 11] = [
     "frame_count",
     "frame_duration_ms",
     "n",
+    "width",
+    "height",
     "output_compression",
     "partial_images",
     "seed",
@@ -202,8 +208,19 @@ fn insert_bracketed(
     Err(bad())
 }
 
+/// The picture fields of a form: OpenAI's (`image`, `image[]`, `mask`) or the native API's
+/// (`init_image`, `mask`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FormKind {
+    OpenAiEdit,
+    Native,
+}
+
 /// Reads the whole form: pictures into `Files`, text fields into a JSON object.
-async fn read_form(mut form: Multipart) -> Result<(Map<String, Value>, Files), ApiError> {
+async fn read_form(
+    mut form: Multipart,
+    kind: FormKind,
+) -> Result<(Map<String, Value>, Files), ApiError> {
     let mut fields = Map::new();
     let mut files = Files::default();
     let mut count = 0;
@@ -216,12 +233,22 @@ async fn read_form(mut form: Multipart) -> Result<(Map<String, Value>, Files), A
             ));
         }
         let name = field.name().unwrap_or_default().to_string();
+        let picture = match (kind, name.as_str()) {
+            (FormKind::OpenAiEdit, "image" | "image[]") | (FormKind::Native, "init_image") => {
+                Some(&mut files.images)
+            }
+            _ => None,
+        };
+        if let Some(images) = picture {
+            images.push(field.bytes().await.map_err(multipart_error)?.to_vec());
+            continue;
+        }
         match name.as_str() {
-            "image" | "image[]" => files
-                .images
-                .push(field.bytes().await.map_err(multipart_error)?.to_vec()),
+            "mask" if files.mask.is_some() => {
+                return Err(ApiError::invalid("mask", "given more than once"));
+            }
             "mask" => files.mask = Some(field.bytes().await.map_err(multipart_error)?.to_vec()),
-            "markup" => {
+            "markup" if kind == FormKind::OpenAiEdit => {
                 return Err(ApiError::invalid(
                     "markup",
                     "markup overlays are not supported; send a mask (transparent where the picture is edited)",
@@ -254,7 +281,7 @@ async fn read_form(mut form: Multipart) -> Result<(Map<String, Value>, Files), A
 /// The native request of an edit form (the picture and mask as base64 native fields) and the
 /// OpenAI options of the answer.
 pub async fn read_edit(form: Multipart) -> Result<(NativeRequest, OpenAiOptions), ApiError> {
-    let (fields, files) = read_form(form).await?;
+    let (fields, files) = read_form(form, FormKind::OpenAiEdit).await?;
     let edit: OpenAiEditForm =
         parse_json(&serde_json::to_vec(&Value::Object(fields)).unwrap_or_default())?;
     let image = match files.images.as_slice() {
@@ -318,6 +345,44 @@ pub async fn read_edit(form: Multipart) -> Result<(NativeRequest, OpenAiOptions)
         );
     }
     Ok((native, options))
+}
+
+/// The native request of a body: JSON, or (`Content-Type: multipart/form-data`) a form whose
+/// `init_image` and `mask` are uploaded pictures and whose other fields are the JSON fields as
+/// text (numbers and booleans read as such, objects as JSON text or flattened `a[b]` fields).
+pub async fn native_request(headers: &HeaderMap, bytes: Bytes) -> Result<NativeRequest, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        return parse_json(&bytes);
+    }
+    let request = axum::http::Request::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(axum::body::Body::from(bytes))
+        .map_err(|e| ApiError::invalid("form", format!("unreadable form: {e}")))?;
+    let form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::Invalid {
+            message: format!("unreadable multipart form: {}", e.body_text()),
+            param: None,
+        })?;
+    let (mut fields, files) = read_form(form, FormKind::Native).await?;
+    match files.images.as_slice() {
+        [] => {}
+        [one] => {
+            fields.insert("init_image".into(), Value::String(B64.encode(one)));
+        }
+        _ => return Err(ApiError::invalid("init_image", "given more than once")),
+    }
+    if let Some(mask) = files.mask {
+        fields.insert("mask".into(), Value::String(B64.encode(mask)));
+    }
+    parse_json(&serde_json::to_vec(&Value::Object(fields)).unwrap_or_default())
 }
 
 impl OpenAiEditForm {

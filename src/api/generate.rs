@@ -153,7 +153,7 @@ pub async fn native(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
+    let req = super::edits::native_request(&headers, bytes_or_error(body)?).await?;
     let answer = Answer {
         sse: req.stream.unwrap_or(false) || accepts(&headers, "text/event-stream"),
         file: ImageFormat::ALL.map(|f| accepts(&headers, f.content_type())),
@@ -203,9 +203,10 @@ pub async fn native_stream_post(
     State(state): State<ApiState>,
     Extension(id): Extension<RequestId>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: NativeRequest = parse_json(&bytes_or_error(body)?)?;
+    let req = super::edits::native_request(&headers, bytes_or_error(body)?).await?;
     let answer = Answer {
         sse: true,
         file: [false; 3],

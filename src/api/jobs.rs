@@ -21,7 +21,7 @@ use super::apidoc::{
     BadPath, BadRequest, Internal, JobNotFound, QueueFull, TooLarge, Unauthorized, Unavailable,
 };
 use super::body::ApiPath;
-use super::body::{bytes_or_error, parse_json};
+use super::body::bytes_or_error;
 use super::error::ApiError;
 use super::job_codec::resolved_params;
 use super::job_follow::Follow;
@@ -169,8 +169,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes = bytes_or_error(body)?;
-    let req: NativeRequest = parse_json(&bytes)?;
+    let req = super::edits::native_request(&headers, bytes_or_error(body)?).await?;
     if req.stream == Some(true) {
         return Err(ApiError::invalid(
             "stream",
