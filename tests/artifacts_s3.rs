@@ -1,6 +1,7 @@
 //! Job artifacts in an S3-compatible bucket (moto_server, tests/s3_support): what one replica
 //! writes another reads, hashes are checked, a job's objects go with it, and a missing bucket
 //! or an unreachable endpoint is a clear error at open, never a panic.
+mod http_support;
 mod s3_support;
 
 use afa::store::{ArtifactFile, Artifacts, StoreError};
@@ -91,40 +92,30 @@ fn bad_configuration_fails_at_open_with_the_reason() {
     assert!(matches!(dead, StoreError::Remote(_)), "{dead}");
 }
 
-/// `afa serve` on the tiny ensemble with its artifacts in `bucket` on `server`.
-fn serve_with_bucket(
-    server: &s3_support::MotoServer,
-    store: &str,
-    dir: &std::path::Path,
-) -> std::process::Command {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_afa"));
-    c.args([
-        "serve",
-        "--config",
-        &format!("{root}/tests/fixtures/tiny-models.toml"),
-    ])
-    .args([
-        "--bind",
-        "127.0.0.1:0",
-        "--device",
-        "cpu",
-        "--artifact-store",
-        store,
-    ])
-    .arg("--database-url")
-    .arg(format!("sqlite://{}", dir.join("jobs.db").display()))
-    .arg("--data-dir")
-    .arg(dir.join("data"));
-    for (key, value) in server.settings() {
-        c.env(key.to_uppercase(), value);
-    }
-    c
+/// `afa serve` flags (beyond `http_support::spawn_serve`'s) for artifacts in `store`, with
+/// its database and data dir under `dir`.
+fn serve_args(store: &str, dir: &std::path::Path) -> Vec<String> {
+    vec![
+        "--artifact-store".into(),
+        store.into(),
+        "--database-url".into(),
+        format!("sqlite://{}", dir.join("jobs.db").display()),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+    ]
+}
+
+/// The AWS_* variables that point a server at `server`.
+fn aws_env(server: &s3_support::MotoServer) -> Vec<(String, String)> {
+    server
+        .settings()
+        .into_iter()
+        .map(|(k, v)| (k.to_uppercase(), v))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_served_job_writes_its_images_to_the_bucket() {
-    use std::io::{BufRead, BufReader};
     let Some(server) = s3_support::server() else {
         return;
     };
@@ -133,7 +124,15 @@ async fn a_served_job_writes_its_images_to_the_bucket() {
     std::fs::create_dir_all(&dir).unwrap();
 
     // A bucket that does not exist stops the start with the reason (exit 1, no panic).
-    let out = serve_with_bucket(server, "s3://afa-absent/x", &dir)
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_afa"))
+        .args([
+            "serve",
+            "--config",
+            &format!("{root}/tests/fixtures/tiny-models.toml"),
+        ])
+        .args(serve_args("s3://afa-absent/x", &dir))
+        .envs(aws_env(server))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -143,35 +142,13 @@ async fn a_served_job_writes_its_images_to_the_bucket() {
         "{stderr}"
     );
 
-    let mut child = serve_with_bucket(server, "s3://afa-serve/replicas", &dir)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(std::time::Duration::from_secs(120))
-        .unwrap();
+    let (mut child, addr) = http_support::spawn_serve_with_env(
+        &serve_args("s3://afa-serve/replicas", &dir),
+        &aws_env(server),
+    );
     let client = reqwest::Client::new();
+    http_support::wait_ready_at(&client, &addr).await;
     let started = std::time::Instant::now();
-    while client
-        .get(format!("http://{addr}/ready"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(started.elapsed().as_secs() < 120, "never ready");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
     let job: serde_json::Value = client
         .post(format!("http://{addr}/v1/jobs"))
         .json(&serde_json::json!({"prompt": "a boat", "steps": 1, "size": "64x64", "seed": 1}))

@@ -245,3 +245,20 @@ fn inconsistent_batches_name_the_field() {
     }));
     assert_eq!(field(&req), "mask");
 }
+
+#[test]
+fn images_that_share_one_picture_match_images_with_their_own_copy() {
+    // The pipeline encodes a shared picture once; that must not change any image.
+    let p = common::single_pipeline(common::tiny_sd());
+    let mut shared = request(SchedulerKind::Ddim, 0.6, true, false);
+    shared.steps = 4;
+    let one = shared.images[0].init.clone();
+    shared.images[1].init = one.clone();
+    let mut copies = shared.clone();
+    copies.images[1].init = one.map(|i| Arc::new((*i).clone()));
+    let a = p.generate(&shared, &mut ()).unwrap();
+    let b = p.generate(&copies, &mut ()).unwrap();
+    for (x, y) in a.images.iter().zip(&b.images) {
+        assert_eq!(x.png, y.png, "image {}", x.index);
+    }
+}

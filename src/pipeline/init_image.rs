@@ -67,7 +67,8 @@ impl Strength {
                 format!("strength must be within 0..=1, got {value}"),
             ));
         }
-        Ok(Self(value))
+        // `+ 0.0` turns -0.0 into 0.0, so equal strengths hash alike.
+        Ok(Self(value + 0.0))
     }
 
     pub fn value(self) -> f64 {
@@ -97,8 +98,9 @@ pub(crate) struct InitLatents {
 
 impl InitLatents {
     /// Encodes the batch's init images one at a time (memory stays that of one image and
-    /// a row does not depend on its neighbours). `noise`: `[B, C, h, w]` f32, the images'
-    /// initial noise.
+    /// a row does not depend on its neighbours); images of a request that share one picture
+    /// share its encoding. `noise`: `[B, C, h, w]` f32, the images' initial noise. The inits
+    /// were checked against the size by `BatchRequest::validate`.
     pub(crate) fn encode(
         vae: &AutoencoderKL,
         inits: &[&InitImage],
@@ -107,21 +109,13 @@ impl InitLatents {
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let factor = vae.scale_factor();
-        let mut rows = Vec::with_capacity(inits.len());
-        for init in inits {
-            init.check(width, height)?;
-            // diffusers' image processor: `x / 255` in float32, then `2x - 1`.
-            let pixels: Vec<f32> = init
-                .rgb
-                .iter()
-                .map(|&v| (f32::from(v) / 255.0) * 2.0 - 1.0)
-                .collect();
-            let image = Tensor::from_vec(pixels, (1, height, width, 3), device)?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?
-                .to_dtype(vae.dtype())?;
-            let z = vae.encode(&image)?.mode();
-            rows.push(vae.scale_latents(&z)?.to_dtype(DType::F32)?);
+        let mut rows: Vec<Tensor> = Vec::with_capacity(inits.len());
+        for (k, init) in inits.iter().enumerate() {
+            let earlier = inits[..k].iter().position(|e| std::ptr::eq(*e, *init));
+            rows.push(match earlier {
+                Some(e) => rows[e].clone(),
+                None => encode_picture(vae, init, (width, height), device)?,
+            });
         }
         let latents = Tensor::cat(&rows, 0)?;
         let masked: Vec<bool> = inits.iter().map(|i| i.mask.is_some()).collect();
@@ -235,6 +229,27 @@ impl InitLatents {
     }
 }
 
+/// The scaled latents `[1, C, h, w]` f32 of one init picture, as diffusers' image processor
+/// (`x / 255` in float32, then `2x - 1`) and the VAE posterior's mean.
+fn encode_picture(
+    vae: &AutoencoderKL,
+    init: &InitImage,
+    (width, height): (usize, usize),
+    device: &Device,
+) -> Result<Tensor, PipelineError> {
+    let pixels: Vec<f32> = init
+        .rgb
+        .iter()
+        .map(|&v| (f32::from(v) / 255.0) * 2.0 - 1.0)
+        .collect();
+    let image = Tensor::from_vec(pixels, (1, height, width, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?
+        .to_dtype(vae.dtype())?;
+    let z = vae.encode(&image)?.mode();
+    Ok(vae.scale_latents(&z)?.to_dtype(DType::F32)?)
+}
+
 /// The init images of a batch, in batch order, or `None` for text-to-image; every image must
 /// have one exactly when the batch has a strength.
 pub(crate) fn batch_inits(
@@ -272,6 +287,14 @@ mod tests {
         for bad in [-0.1, 1.5, f64::NAN] {
             assert!(Strength::new(bad).is_err(), "{bad}");
         }
+        let hash = |s: Strength| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            s.hash(&mut h);
+            h.finish()
+        };
+        let (zero, minus_zero) = (Strength::new(0.0).unwrap(), Strength::new(-0.0).unwrap());
+        assert_eq!((zero, hash(zero)), (minus_zero, hash(minus_zero)));
     }
 
     #[test]

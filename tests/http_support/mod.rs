@@ -329,10 +329,19 @@ pub fn parse_sse(text: &str) -> Vec<Sse> {
 /// `--device cpu --max-batch 1` plus `extra` arguments; returns the child and its address
 /// (read from the "listening on" log line).
 pub fn spawn_serve(extra: &[String]) -> (std::process::Child, String) {
+    spawn_serve_with_env(extra, &[])
+}
+
+/// [`spawn_serve`] with these environment variables set for the server.
+pub fn spawn_serve_with_env(
+    extra: &[String],
+    env: &[(String, String)],
+) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = Command::new(env!("CARGO_BIN_EXE_afa"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args([
             "serve",
             "--config",
