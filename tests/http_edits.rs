@@ -132,7 +132,11 @@ async fn openai_edits_with_and_without_a_mask() {
     assert_eq!(body["size"], "64x64");
     let (w, h, params) = decode_png(&first_png(&body, "b64_json"));
     assert_eq!((w, h), (64, 64));
-    assert!(params.unwrap().contains("Seed: 3"));
+    let params = params.unwrap();
+    assert!(
+        params.contains("Seed: 3") && params.contains("Denoising strength: 0.6"),
+        "{params}"
+    );
 
     let form = Form::new()
         .part("image[]", image_part(picture()))

@@ -307,6 +307,7 @@ impl<D: Denoiser> SdPipeline<D> {
                 width: req.width,
                 height: req.height,
                 model: &self.model_name,
+                strength: req.strength.map(|s| s.value()),
             };
             let png = encode_png(&rgb, req.width, req.height, &params)?;
             images.push(GeneratedImage {

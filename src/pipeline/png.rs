@@ -14,6 +14,8 @@ pub struct PngParameters<'a> {
     pub width: usize,
     pub height: usize,
     pub model: &'a str,
+    /// Image-to-image / inpainting: A1111's `Denoising strength`.
+    pub strength: Option<f64>,
 }
 
 impl PngParameters<'_> {
@@ -34,6 +36,9 @@ impl PngParameters<'_> {
             self.height,
             self.model
         ));
+        if let Some(strength) = self.strength {
+            s.push_str(&format!(", Denoising strength: {strength}"));
+        }
         s
     }
 }
@@ -106,7 +111,22 @@ mod tests {
             width: 2,
             height: 1,
             model: "tiny",
+            strength: None,
         }
+    }
+
+    #[test]
+    fn image_to_image_records_its_strength_as_a1111_does() {
+        let text = PngParameters {
+            strength: Some(0.6),
+            ..params("a cat")
+        }
+        .to_a1111_text();
+        assert!(
+            text.ends_with("Model: tiny, Denoising strength: 0.6"),
+            "{text}"
+        );
+        assert!(!params("a cat").to_a1111_text().contains("Denoising"));
     }
 
     #[test]
