@@ -68,6 +68,23 @@ pub(super) struct Admitted {
     pub quota: Option<QuotaGuard>,
 }
 
+/// [`validate`], on a blocking thread when the request carries pictures (decoding and resizing
+/// an upload of up to 16 Mpx takes long enough to stall the async workers), inline otherwise.
+pub(super) async fn validate_off_runtime(
+    req: &NativeRequest,
+    catalog: Arc<crate::worker::Catalog>,
+    capacity: usize,
+    seed: u64,
+) -> Result<Validated, ApiError> {
+    if req.init_image.is_none() && req.mask.is_none() {
+        return validate(req, &catalog, capacity, seed);
+    }
+    let req = req.clone();
+    tokio::task::spawn_blocking(move || validate(&req, &catalog, capacity, seed))
+        .await
+        .map_err(|e| ApiError::Internal(format!("validation task: {e}")))?
+}
+
 /// Validates, checks the caller's quota, and submits.
 async fn submit(
     state: &ApiState,
@@ -76,7 +93,7 @@ async fn submit(
 ) -> Result<(Validated, Admitted), ApiError> {
     let catalog = state.ready_catalog()?;
     let capacity = state.worker.stats().queue_capacity;
-    let validated = validate(req, &catalog, capacity, draw_seed())?;
+    let validated = validate_off_runtime(req, catalog, capacity, draw_seed()).await?;
     let quota = admit_sync(state, caller, validated.job.images.len()).await?;
     let ticket = state
         .worker

@@ -26,7 +26,7 @@ use super::error::ApiError;
 use super::job_codec::resolved_params;
 use super::job_follow::Follow;
 use super::middleware::Caller;
-use super::request::{NativeRequest, Validated, validate};
+use super::request::{NativeRequest, Validated};
 use super::schema::{
     ErrorEnvelope, ImageFile, JobErrorInfo, JobImage, JobProgress, JobView, MapsBundle, PngFile,
 };
@@ -96,7 +96,8 @@ pub(super) async fn submit_job(
     let jobs = service(state)?;
     let catalog = state.ready_catalog()?;
     let capacity = state.worker.stats().queue_capacity;
-    let validated = validate(req, &catalog, capacity, super::generate::draw_seed())?;
+    let seed = super::generate::draw_seed();
+    let validated = super::generate::validate_off_runtime(req, catalog, capacity, seed).await?;
     let n = validated.job.images.len();
     let new = NewJob {
         ensemble: validated.job.ensemble.clone(),
