@@ -68,6 +68,7 @@ fn settings_json(s: &ServeSettings) -> serde_json::Value {
         "result_ttl_s": s.jobs.result_ttl.as_secs(),
         "job_max_attempts": s.jobs.max_attempts,
         "job_lease_s": s.jobs.lease.as_secs(),
+        "job_progress_ms": s.jobs.progress_every.as_millis() as u64,
         "devices": s.devices.iter().map(device_name).collect::<Vec<_>>(),
     })
 }

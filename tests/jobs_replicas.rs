@@ -125,6 +125,151 @@ async fn two_replicas_on_postgres_run_every_job_once() {
     );
 }
 
+/// Queue position and progress are the same from every replica: a queued job's position comes
+/// from the shared queue, a running job's progress from what its holder writes to the row, and
+/// the event stream of another replica's job follows the row to its result.
+#[tokio::test]
+async fn progress_and_positions_are_right_from_any_replica() {
+    let Some(url) = tokio::task::spawn_blocking(postgres::fresh_database)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL");
+        return;
+    };
+    let ttl = Duration::from_secs(3600);
+    let replicas = [
+        start_jobs_on(Some(url.clone()), 40, ttl, ApiConfig::default()),
+        start_jobs_on(Some(url), 40, ttl, ApiConfig::default()),
+    ];
+    // Each replica takes one 4-image job (its job budget; other step counts: other batch keys,
+    // claimed one by one); the third waits in the queue.
+    let mut ids = Vec::new();
+    for i in 0..3u64 {
+        let body = json!({"prompt": format!("p{i}"), "steps": 20 + i, "seed": i, "n": 4});
+        let v: Value = submit(&replicas[0], body, None).await.json().await.unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let store = &replicas[0].jobs.store;
+    let t = Instant::now();
+    let mut running = Vec::new();
+    while running.len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "two jobs never ran");
+        running.clear();
+        for id in &ids {
+            let row = store.job(id).await.unwrap().unwrap();
+            if row.status == JobStatus::Running {
+                running.push((id.clone(), row.lease_owner.unwrap()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let queued = ids
+        .iter()
+        .find(|id| running.iter().all(|(r, _)| r != *id))
+        .unwrap();
+    // Both replicas give the images ahead in the shared queue: the running jobs' and the queued
+    // ones' before it (read again while a dispatcher moves rows for a moment).
+    let t = Instant::now();
+    loop {
+        let before = snapshot(store, &ids).await;
+        let mut positions = Vec::new();
+        for r in &replicas {
+            let v: Value = get(r, &format!("/v1/jobs/{queued}"), None)
+                .await
+                .json()
+                .await
+                .unwrap();
+            positions.push(v["queue_position"].clone());
+        }
+        if snapshot(store, &ids).await == before {
+            let mine = before.iter().find(|r| r.0 == *queued).unwrap().3;
+            let ahead: usize = before
+                .iter()
+                .filter(|r| r.1 == JobStatus::Running || (r.1 == JobStatus::Queued && r.3 < mine))
+                .map(|r| r.2)
+                .sum();
+            assert_eq!(positions, vec![json!(ahead), json!(ahead)], "{before:?}");
+            assert!(ahead >= 4);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the queue never held still"
+        );
+    }
+    // A running job seen from the replica that does not run it.
+    let (id, owner) = &running[0];
+    let other = replicas.iter().find(|r| r.jobs.replica != *owner).unwrap();
+    assert!(other.jobs.live(id).is_none());
+    let events = tokio::spawn({
+        let (addr, id) = (other.server.addr, id.clone());
+        async move {
+            let url = format!("http://{addr}/v1/jobs/{id}/events");
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    let t = Instant::now();
+    loop {
+        let v: Value = get(other, &format!("/v1/jobs/{id}"), None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "running" && v["progress"]["step"].as_u64().unwrap_or(0) > 0 {
+            assert!(v["progress"]["total"].as_u64().unwrap() >= 20, "{v}");
+            assert_eq!(v["queue_position"], Value::Null, "{v}");
+            break;
+        }
+        assert_eq!(v["status"], "running", "{v}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no progress seen: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = tokio::time::timeout(Duration::from_secs(30), events)
+        .await
+        .unwrap()
+        .unwrap();
+    let events = http_support::parse_sse(&text);
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e.event == "progress")
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(steps.iter().any(|s| *s > 0), "{text}");
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "result", "{text}");
+    for id in &ids {
+        assert_eq!(finished(other, id, None).await["status"], "succeeded");
+    }
+}
+
+/// (id, status, images, queue order) of each job.
+async fn snapshot(
+    store: &afa::store::JobStore,
+    ids: &[String],
+) -> Vec<(String, JobStatus, usize, i64)> {
+    let mut rows = Vec::new();
+    for id in ids {
+        let r = store.job(id).await.unwrap().unwrap();
+        rows.push((r.id, r.status, r.images, r.queue_order));
+    }
+    rows
+}
+
 /// A draining server gives its unfinished jobs back (the attempt not counted); here the same
 /// server claims the job again at once, which stops the older attempt still running, and the
 /// job succeeds once.

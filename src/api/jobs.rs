@@ -179,7 +179,7 @@ pub async fn create(
     }
     let submitted = submit_job(&state, &caller, &req, idempotency_key(&headers)?).await?;
     let jobs = service(&state)?;
-    let view = job_view(&state, jobs, &submitted.row).await?;
+    let view = job_view(jobs, &submitted.row).await?;
     let mut r = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
     let location = format!("/v1/jobs/{}", submitted.row.id);
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -202,30 +202,29 @@ async fn owned_job(state: &ApiState, caller: &Caller, id: &str) -> Result<JobRow
 }
 
 /// The JSON view of a job.
-pub(super) async fn job_view(
-    state: &ApiState,
-    jobs: &JobService,
-    row: &JobRow,
-) -> Result<JobView, ApiError> {
+pub(super) async fn job_view(jobs: &JobService, row: &JobRow) -> Result<JobView, ApiError> {
     let mut position = None;
     let mut progress = None;
     match row.status {
         JobStatus::Queued => {
-            let before = jobs
+            // From the shared queue, so every replica answers the same.
+            let ahead = jobs
                 .store
-                .queued_images_before(row.queue_order)
+                .images_ahead(row.queue_order)
                 .await
                 .map_err(store_error)?;
-            let s = state.worker.stats();
-            position = Some(before + s.queued_images + s.running_images);
+            position = Some(ahead);
         }
         JobStatus::Running => {
-            let live = jobs.live(&row.id).unwrap_or_default();
-            position = live.position;
-            progress = Some(JobProgress {
-                step: live.step,
-                total: live.total,
-            });
+            // The running replica's memory when it is this one, else what it wrote to the row.
+            let (at, step, total) = match jobs.live(&row.id) {
+                Some(live) => (live.position, live.step, live.total),
+                None => row
+                    .progress
+                    .map_or((None, 0, 0), |p| (p.position, p.step, p.total)),
+            };
+            position = at;
+            progress = Some(JobProgress { step, total });
         }
         _ => {}
     }
@@ -299,7 +298,7 @@ pub async fn get(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
-    Ok(axum::Json(job_view(&state, service(&state)?, &row).await?))
+    Ok(axum::Json(job_view(service(&state)?, &row).await?))
 }
 
 /// The image format an artifact kind names (`png`, `jpeg`, `webp`); `None` for `maps`.
@@ -433,7 +432,7 @@ pub async fn cancel(
         }
     }
     let row = owned_job(&state, &caller, &id).await?;
-    Ok(axum::Json(job_view(&state, jobs, &row).await?))
+    Ok(axum::Json(job_view(jobs, &row).await?))
 }
 
 /// `GET /v1/jobs/{id}/events`: `queued`, `progress` and `preview` (`partial_images`) events,
@@ -460,7 +459,7 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let row = owned_job(&state, &caller, &id).await?;
     let keep_alive = state.config.keep_alive;
-    let follow = Follow::new(state.clone(), service(&state)?.clone(), &row);
+    let follow = Follow::new(service(&state)?.clone(), &row);
     let events = stream::unfold((follow, true), |(mut f, first)| async move {
         if f.done {
             return None;
@@ -480,13 +479,15 @@ pub async fn events(
         .into_response())
 }
 
-/// Waits (polling the store, at most `limit`) until job `id` finished; the final row.
+/// Waits (at most `limit`) until job `id` finished; the final row. While this replica runs the
+/// job it waits for the job's end in memory; otherwise it reads the row with back-off.
 pub(super) async fn await_job(
     jobs: &JobService,
     id: &str,
     limit: Duration,
 ) -> Result<JobRow, ApiError> {
     let deadline = tokio::time::Instant::now() + limit;
+    let mut poll = super::job_follow::Backoff::new();
     loop {
         let row = jobs
             .store
@@ -500,13 +501,17 @@ pub(super) async fn await_job(
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::TimedOut(limit));
         }
-        let pause = tokio::time::sleep(Duration::from_millis(200));
+        let pause =
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + poll.pause()));
         match jobs.subscribe(id) {
             Some(mut rx) => {
+                // Running here: its live state closes when it ends.
+                let ended = async { while rx.changed().await.is_ok() {} };
                 tokio::select! {
-                    _ = rx.changed() => {}
-                    _ = pause => {}
+                    _ = ended => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
                 }
+                poll.reset();
             }
             None => pause.await,
         }

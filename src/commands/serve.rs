@@ -99,6 +99,10 @@ pub struct ServeArgs {
     /// that stops renewing return to the queue this long after its last renewal.
     #[arg(long, env = "AFA_JOB_LEASE_S", default_value_t = 30)]
     pub job_lease_s: u64,
+    /// A running job's progress (queue position, step) is written to the job database at most
+    /// once per this many milliseconds, so every replica can show it.
+    #[arg(long, env = "AFA_JOB_PROGRESS_MS", default_value_t = 500)]
+    pub job_progress_ms: u64,
     /// Body limit, in bytes, of the routes that carry pictures (`POST /generate`,
     /// `/generate/stream`, `/v1/jobs` with `init_image`, and `/v1/images/edits`).
     #[arg(long, env = "AFA_MAX_UPLOAD_BYTES", default_value_t = crate::api::DEFAULT_MAX_UPLOAD_BYTES)]
@@ -123,6 +127,9 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
     }
     if args.result_ttl_s == 0 || args.job_max_attempts == 0 || args.job_lease_s == 0 {
         bail!("--result-ttl-s, --job-max-attempts and --job-lease-s must be at least 1");
+    }
+    if args.job_progress_ms < 10 {
+        bail!("--job-progress-ms must be at least 10");
     }
     if args.max_upload_bytes < 1024 {
         bail!("--max-upload-bytes must be at least 1024");
@@ -152,6 +159,7 @@ pub fn settings(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             result_ttl: Duration::from_secs(args.result_ttl_s),
             url_wait: Duration::from_secs(args.request_timeout_s),
             lease: Duration::from_secs(args.job_lease_s),
+            progress_every: Duration::from_millis(args.job_progress_ms),
         },
         max_upload_bytes: args.max_upload_bytes,
         artifact_store: args.artifact_store.clone().filter(|s| !s.is_empty()),

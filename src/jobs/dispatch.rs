@@ -177,6 +177,13 @@ fn dispatched<C: JobCodec>(
     (ticket, extra): (JobTicket, C::Extra),
 ) {
     let cancel = jobs.start_live(&lease);
+    if let Some(updates) = jobs.subscribe(&lease.job_id) {
+        tokio::spawn(super::progress::write_progress(
+            jobs.clone(),
+            lease.clone(),
+            updates,
+        ));
+    }
     jobs.in_flight.fetch_add(1, Ordering::SeqCst);
     jobs.in_flight_images
         .fetch_add(row.images, Ordering::SeqCst);

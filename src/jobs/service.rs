@@ -22,6 +22,8 @@ pub struct JobsConfig {
     /// A dispatched job's lease: renewed every third of it while the job runs; a replica that
     /// stops renewing loses its jobs to the queue this long after its last renewal.
     pub lease: Duration,
+    /// A running job's progress is written to its row at most this often (`progress.rs`).
+    pub progress_every: Duration,
 }
 
 impl Default for JobsConfig {
@@ -31,11 +33,17 @@ impl Default for JobsConfig {
             result_ttl: Duration::from_secs(24 * 3600),
             url_wait: Duration::from_secs(600),
             lease: Duration::from_secs(30),
+            progress_every: PROGRESS_EVERY,
         }
     }
 }
 
-/// Live progress of a dispatched job (not stored: it is worthless after a restart).
+/// The default of [`JobsConfig::progress_every`]: at most two progress writes a second per
+/// running job.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Live progress of a dispatched job, in the memory of the replica running it (its position and
+/// step are also written to the row: `progress.rs`; previews are not).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Live {
     /// Images ahead of it in the worker's queue; `None` once it runs.

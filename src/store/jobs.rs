@@ -94,6 +94,19 @@ pub struct JobRow {
     pub lease_owner: Option<String>,
     /// Unix milliseconds; a `running` job whose lease expired goes back to the queue.
     pub lease_expires_at: Option<i64>,
+    /// What the lease holder last wrote of a running job's progress (`None` before it wrote).
+    pub progress: Option<StoredProgress>,
+}
+
+/// A running job's progress as its lease holder wrote it ([`JobStore::record_progress`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredProgress {
+    /// Images ahead of it in the holder's worker queue; `None` once it runs.
+    pub position: Option<usize>,
+    pub step: usize,
+    pub total: usize,
+    /// When it was written (unix ms, the holder's clock).
+    pub at: i64,
 }
 
 /// One file of a finished job.
@@ -132,7 +145,8 @@ pub struct Recovery {
 
 pub(crate) const COLUMNS: &str = "id, queue_order, status, ensemble, params, seeds, images, \
     owner_key_id, idempotency_key, request_hash, attempts, error, timings, created_at, \
-    started_at, finished_at, batch_key, lease_owner, lease_expires_at";
+    started_at, finished_at, batch_key, lease_owner, lease_expires_at, worker_position, \
+    progress_step, progress_total, progress_at";
 
 fn json(text: &str, col: &str) -> StoreResult<Value> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
@@ -166,6 +180,15 @@ impl FromRow for JobRow {
             batch_key: row.opt_text("batch_key")?,
             lease_owner: row.opt_text("lease_owner")?,
             lease_expires_at: row.opt_int("lease_expires_at")?,
+            progress: match row.opt_int("progress_at")? {
+                None => None,
+                Some(at) => Some(StoredProgress {
+                    position: row.opt_int("worker_position")?.map(|p| p.max(0) as usize),
+                    step: row.opt_int("progress_step")?.unwrap_or(0).max(0) as usize,
+                    total: row.opt_int("progress_total")?.unwrap_or(0).max(0) as usize,
+                    at,
+                }),
+            },
         })
     }
 }
@@ -290,6 +313,20 @@ impl JobStore {
             .fetch_one(
                 "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) AS v FROM jobs \
                  WHERE status = 'queued' AND queue_order < ?",
+                args![queue_order],
+            )
+            .await?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// Images ahead of a queued job in the shared queue: those of queued jobs before it
+    /// (`queue_order` smaller) and of every running job (on any replica).
+    pub async fn images_ahead(&self, queue_order: i64) -> StoreResult<usize> {
+        let Int(n) = self
+            .db()
+            .fetch_one(
+                "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) AS v FROM jobs \
+                 WHERE (status = 'queued' AND queue_order < ?) OR status = 'running'",
                 args![queue_order],
             )
             .await?;

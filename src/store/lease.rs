@@ -190,7 +190,8 @@ impl JobStore {
         }
         let claim_sql = format!(
             "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, \
-             lease_owner = ?, lease_id = ?, lease_expires_at = {} + ? \
+             lease_owner = ?, lease_id = ?, lease_expires_at = {} + ?, worker_position = NULL, \
+             progress_step = NULL, progress_total = NULL, progress_at = NULL \
              WHERE id = ? AND status = 'queued'",
             self.db_now()
         );
@@ -266,6 +267,33 @@ impl JobStore {
             list.push(lease.job_id.clone());
         }
         Ok(out)
+    }
+
+    /// Writes a running job's progress, by the lease holder only (false when the lease is no
+    /// longer held): `position` images ahead of it in the holder's worker queue (`None` once it
+    /// runs), `step` of `total` steps done.
+    pub async fn record_progress(
+        &self,
+        lease: &Lease,
+        position: Option<usize>,
+        (step, total): (usize, usize),
+    ) -> StoreResult<bool> {
+        let n = self
+            .db()
+            .execute(
+                "UPDATE jobs SET worker_position = ?, progress_step = ?, progress_total = ?, \
+                 progress_at = ? WHERE id = ? AND lease_id = ? AND status = 'running'",
+                args![
+                    position.map(|p| p as i64),
+                    step as i64,
+                    total as i64,
+                    now_ms(),
+                    &lease.job_id,
+                    &lease.lease_id
+                ],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// `running -> succeeded` with its artifacts and timings, by the lease holder only.

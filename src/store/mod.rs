@@ -14,7 +14,7 @@ mod remote;
 
 pub use artifacts::{ArtifactFile, Artifacts};
 pub use db::{Backend, DatabaseUrl, redact_url};
-pub use jobs::{ArtifactRow, Insert, JobRow, JobStatus, NewJob, Recovery};
+pub use jobs::{ArtifactRow, Insert, JobRow, JobStatus, NewJob, Recovery, StoredProgress};
 pub use keys::{ApiKeyRow, CreatedKey, hash_token};
 pub use lease::{Claim, ClaimLimit, Completion, Lease, Reaped, Renewal};
 

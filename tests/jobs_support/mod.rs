@@ -87,6 +87,7 @@ pub fn start_jobs_on(
                 result_ttl: ttl,
                 url_wait: Duration::from_secs(60),
                 lease: Duration::from_secs(30),
+                progress_every: Duration::from_millis(100),
             };
             let jobs = Arc::new(JobService::new(
                 store,

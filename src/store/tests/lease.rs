@@ -1,7 +1,7 @@
 //! Lease tests on both backends: claiming batches within a limit, renewal (and the cancels and
 //! losses it reports), expiry back to the queue and failure past the attempts, late results
 //! discarded, release on drain, recovery leaving live leases alone, and two replicas claiming
-//! at once never taking the same job.
+//! at once never taking the same job; progress written by the holder only, shown to every reader.
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ on_both_backends!(
     release_requeues_without_counting_the_attempt,
     recovery_leaves_live_leases_alone_on_postgres,
     concurrent_claimers_never_share_a_job,
+    progress_is_written_by_the_holder_and_cleared_by_a_claim,
 );
 
 async fn claims_take_one_batch_key_within_the_limit(f: Fresh) {
@@ -327,4 +328,58 @@ async fn concurrent_claimers_never_share_a_job(f: Fresh) {
         assert_eq!((row.status, row.attempts), (JobStatus::Running, 1));
     }
     replicas[1].close().await;
+}
+
+async fn progress_is_written_by_the_holder_and_cleared_by_a_claim(f: Fresh) {
+    let s = f.store.clone();
+    let a = insert(&s, &keyed(1, None, 2)).await;
+    let b = insert(&s, &keyed(2, None, 3)).await;
+    let c = insert(&s, &keyed(3, None, 1)).await;
+    // Images ahead of a queued job: the queued ones before it and every running one.
+    assert_eq!(s.images_ahead(c.queue_order).await.unwrap(), 5);
+    let claim = s.claim("r1", limit(1, 8), LONG).await.unwrap().remove(0);
+    assert_eq!(claim.job.id, a.id);
+    assert_eq!(claim.job.progress, None, "nothing written yet");
+    assert_eq!(s.images_ahead(c.queue_order).await.unwrap(), 5);
+    assert_eq!(s.images_ahead(b.queue_order).await.unwrap(), 2);
+
+    assert!(
+        s.record_progress(&claim.lease, Some(3), (0, 20))
+            .await
+            .unwrap()
+    );
+    let p = row(&s, &a.id).await.progress.unwrap();
+    assert_eq!((p.position, p.step, p.total), (Some(3), 0, 20));
+    assert!(
+        s.record_progress(&claim.lease, None, (7, 20))
+            .await
+            .unwrap()
+    );
+    let p = row(&s, &a.id).await.progress.unwrap();
+    assert_eq!((p.position, p.step, p.total), (None, 7, 20));
+    assert!((now_ms() - 5_000..=now_ms()).contains(&p.at));
+
+    // Someone else's lease (a stale one) writes nothing.
+    let stale = Lease {
+        job_id: a.id.clone(),
+        lease_id: "0000".into(),
+    };
+    assert!(!s.record_progress(&stale, None, (19, 20)).await.unwrap());
+    assert_eq!(row(&s, &a.id).await.progress.unwrap().step, 7);
+
+    // Released and claimed again: the new attempt starts without the old progress.
+    assert!(s.release(&claim.lease).await.unwrap());
+    assert!(
+        !s.record_progress(&claim.lease, None, (8, 20))
+            .await
+            .unwrap()
+    );
+    let again = s.claim("r2", limit(1, 8), LONG).await.unwrap().remove(0);
+    assert_eq!(again.job.id, a.id);
+    assert_eq!(again.job.progress, None);
+    assert_eq!(row(&s, &a.id).await.progress, None);
+}
+
+async fn row(s: &JobStore, id: &str) -> JobRow {
+    s.job(id).await.unwrap().unwrap()
 }
