@@ -1,4 +1,6 @@
-//! The expiry sweeper: finished jobs older than the TTL lose their files, then their rows.
+//! The expiry sweeper: finished jobs older than the TTL lose their files (local or objects in
+//! the shared bucket), then their rows; one replica at a time (the store's sweep lock, a
+//! PostgreSQL advisory lock), the others skip the round.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +24,19 @@ pub async fn run_sweeper(jobs: Arc<JobService>, stop: watch::Receiver<bool>) {
     .await;
 }
 
-/// Removes the jobs that finished before `before_ms`; how many.
+/// Removes the jobs that finished before `before_ms`; how many (0 when another replica is
+/// sweeping now). A job's files go before its row, so a sweep cut short leaves rows whose
+/// files the next sweep removes again (removal of what is gone succeeds).
 pub async fn sweep(jobs: &JobService, before_ms: i64) -> Result<usize, String> {
+    let Some(_lock) = jobs
+        .store
+        .try_sweep_lock()
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        tracing::debug!("another replica is sweeping expired jobs; skipping this round");
+        return Ok(0);
+    };
     let ids = jobs
         .store
         .expired(before_ms, 200)

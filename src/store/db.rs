@@ -274,6 +274,37 @@ impl Db {
             Db::Postgres(p) => p.close().await,
         }
     }
+
+    /// The lock `key` if nobody holds it now (`None` otherwise): on PostgreSQL a session
+    /// advisory lock (`pg_try_advisory_lock`) on a connection of its own, which is closed, not
+    /// returned to the pool, when the lock is dropped, so the server releases the lock however
+    /// its holder ends (a killed replica's session ends with its TCP connection). On SQLite (one
+    /// file, one server) it is always granted.
+    pub(crate) async fn try_lock(&self, key: i64) -> StoreResult<Option<ExclusiveLock>> {
+        match self {
+            Db::Sqlite(_) => Ok(Some(ExclusiveLock { _conn: None })),
+            Db::Postgres(p) => {
+                let mut conn = p.acquire().await?;
+                conn.close_on_drop();
+                let granted: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(key)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Ok(granted.then_some(ExclusiveLock { _conn: Some(conn) }))
+            }
+        }
+    }
+}
+
+/// A lock held across replicas until dropped ([`Db::try_lock`]).
+pub struct ExclusiveLock {
+    _conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+}
+
+impl std::fmt::Debug for ExclusiveLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExclusiveLock")
+    }
 }
 
 impl Tx {
@@ -283,6 +314,16 @@ impl Tx {
         match self {
             Tx::Sqlite(t) => t.commit().await?,
             Tx::Postgres(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+
+    /// Rolls back now. A transaction merely dropped is rolled back later, when its connection
+    /// is next used: until then its row locks stay, and `SKIP LOCKED` claimers skip those rows.
+    pub(crate) async fn rollback(self) -> StoreResult<()> {
+        match self {
+            Tx::Sqlite(t) => t.rollback().await?,
+            Tx::Postgres(t) => t.rollback().await?,
         }
         Ok(())
     }

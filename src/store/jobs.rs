@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
-use super::db::{Arg, Backend, Cols, FromRow, Int, Text, args};
+use super::db::{Arg, Backend, Cols, ExclusiveLock, FromRow, Int, Text, args};
 use super::{JobStore, StoreError, StoreResult, now_ms, random_hex};
 
 /// Where a job is in its life.
@@ -142,6 +142,10 @@ pub struct Recovery {
     /// Jobs now waiting, including `requeued`.
     pub queued: usize,
 }
+
+/// The advisory-lock key of the expiry sweep (PostgreSQL; "afa-swp" in ASCII). sqlx's
+/// migrator keys its own lock by a hash of the database name, so they do not meet.
+const SWEEP_LOCK: i64 = 0x0061_6661_2d73_7770;
 
 pub(crate) const COLUMNS: &str = "id, queue_order, status, ensemble, params, seeds, images, \
     owner_key_id, idempotency_key, request_hash, attempts, error, timings, created_at, \
@@ -394,7 +398,8 @@ impl JobStore {
              WHERE id = ? AND status = 'running'{fence}"
         );
         if tx.execute(&sql, values).await? != 1 {
-            return Ok(false); // dropping the transaction rolls it back
+            tx.rollback().await?; // nothing changed; no lock left behind
+            return Ok(false);
         }
         for a in artifacts {
             tx.execute(
@@ -520,6 +525,12 @@ impl JobStore {
             )
             .await?;
         Ok(ids.into_iter().map(|Text(id)| id).collect())
+    }
+
+    /// The expiry sweep's lock: one replica sweeps at a time (`None`: another one is sweeping
+    /// now). Held until dropped.
+    pub async fn try_sweep_lock(&self) -> StoreResult<Option<ExclusiveLock>> {
+        self.db().try_lock(SWEEP_LOCK).await
     }
 
     /// Deletes a job row and its artifact rows.

@@ -167,6 +167,8 @@ impl JobStore {
             )
             .await?;
         let Some(head) = head.filter(|h| h.images <= limit.images) else {
+            // At once: a lock left on the head would let other claimers skip it (out of order).
+            tx.rollback().await?;
             return Ok(Vec::new());
         };
         let mut total = head.images;

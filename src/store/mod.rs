@@ -13,7 +13,7 @@ mod lease;
 mod remote;
 
 pub use artifacts::{ArtifactFile, Artifacts};
-pub use db::{Backend, DatabaseUrl, redact_url};
+pub use db::{Backend, DatabaseUrl, ExclusiveLock, redact_url};
 pub use jobs::{ArtifactRow, Insert, JobRow, JobStatus, NewJob, Recovery, StoredProgress};
 pub use keys::{ApiKeyRow, CreatedKey, hash_token};
 pub use lease::{Claim, ClaimLimit, Completion, Lease, Reaped, Renewal};

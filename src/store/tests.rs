@@ -95,6 +95,7 @@ on_both_backends!(
     quotas_count_queued_and_running_images_per_owner,
     keys_store_hashes_and_revoke,
     artifacts_round_trip_and_expire,
+    one_replica_holds_the_sweep_lock_at_a_time,
 );
 
 pub(super) fn job(seed: u64, owner: Option<&str>) -> NewJob {
@@ -347,6 +348,33 @@ async fn artifacts_round_trip_and_expire(f: Fresh) {
     assert!(store.job(&a.id).await.unwrap().is_none());
     assert!(store.artifacts(&a.id).await.unwrap().is_empty());
     assert!(files.read(&rows[0]).is_err());
+}
+
+/// On PostgreSQL the sweep lock is one holder's across pools (replicas) until it is dropped,
+/// also when the holder's pool is gone; on SQLite (one server per file) it is always granted.
+async fn one_replica_holds_the_sweep_lock_at_a_time(f: Fresh) {
+    let other = JobStore::open(&f.url).await.unwrap();
+    let held = f.store.try_sweep_lock().await.unwrap();
+    assert!(held.is_some());
+    let second = other.try_sweep_lock().await.unwrap();
+    match f.store.backend() {
+        Backend::Sqlite => assert!(second.is_some()),
+        Backend::Postgres => {
+            assert!(second.is_none(), "two replicas sweeping at once");
+            // Asked again on the same pool: still one holder.
+            assert!(f.store.try_sweep_lock().await.unwrap().is_none());
+            drop(held);
+            // Closing the connection released it (the server may take a moment to notice).
+            let t = std::time::Instant::now();
+            let mut again = None;
+            while again.is_none() {
+                assert!(t.elapsed().as_secs() < 10, "the lock was never released");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                again = other.try_sweep_lock().await.unwrap();
+            }
+            assert!(f.store.try_sweep_lock().await.unwrap().is_none());
+        }
+    }
 }
 
 #[tokio::test]

@@ -116,10 +116,19 @@ fn start(bin: PathBuf) -> PgServer {
         "initdb",
     );
     let port = free_port();
+    // Tests trade durability for speed; `AFA_PG_DURABLE=1` (the queue benchmark) keeps
+    // PostgreSQL's defaults. pg_stat_statements is loaded when installed (Debian ships it), so a
+    // benchmark can count statements.
+    let mut settings = String::from("-c listen_addresses=127.0.0.1 -c max_connections=200");
+    if std::env::var_os("AFA_PG_DURABLE").is_none() {
+        settings.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+    }
+    if bin.join("../lib/pg_stat_statements.so").exists() {
+        settings.push_str(" -c shared_preload_libraries=pg_stat_statements");
+    }
     // The watcher: stop the server (fast shutdown) once this process is gone, then clean up.
     let script = format!(
-        "'{pg}' -D '{data}' -p {port} -k '{d}' -c listen_addresses=127.0.0.1 -c fsync=off \
-         -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
+        "'{pg}' -D '{data}' -p {port} -k '{d}' {settings} \
          >'{d}/log' 2>&1 & pg=$!; \
          while [ -d /proc/{me} ] && kill -0 $pg 2>/dev/null; do sleep 0.5; done; \
          kill -INT $pg 2>/dev/null; wait $pg; rm -rf '{d}'",
