@@ -113,7 +113,7 @@ def bench_vae(args, gen):
     ).eval()
     build = time.perf_counter() - start
     s = args.vae_latent
-    z = torch.randn(1, 4, s, s, generator=gen)
+    z = torch.randn(args.vae_batch, 4, s, s, generator=gen)
     times = time_runs(lambda: vae.decode(z).sample, args.repeats)
     return [row("VAE decode", z.shape, times, build)]
 
@@ -147,6 +147,7 @@ def main():
     p.add_argument("--unet-sizes", default="32,64", help="latent sizes (pixels/8)")
     p.add_argument("--unet-batch", type=int, default=2)
     p.add_argument("--vae-latent", type=int, default=64)
+    p.add_argument("--vae-batch", type=int, default=1)
     p.add_argument("--text-batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,7 @@ pub enum BenchError {
 pub enum BenchPart {
     /// UNet forward, batch `unet_batch`, at each of `unet_sizes` latent sizes.
     Unet,
-    /// VAE decode of a `[1, 4, vae_latent, vae_latent]` latent.
+    /// VAE decode of a `[vae_batch, 4, vae_latent, vae_latent]` latent.
     Vae,
     /// CLIP text encoder on `[text_batch, 77]` ids.
     Text,
@@ -89,6 +89,8 @@ pub struct BenchOptions {
     pub unet_batch: usize,
     /// VAE latent size (square); 64 decodes to 512 px.
     pub vae_latent: usize,
+    /// Images per VAE decode.
+    pub vae_batch: usize,
     pub text_batch: usize,
     /// CPU threads; sets `RAYON_NUM_THREADS` (which limits candle's CPU backend) when given.
     /// Must be decided before any other candle op of the process runs.
@@ -122,6 +124,7 @@ impl Default for BenchOptions {
             unet_sizes: vec![32, 64],
             unet_batch: 2,
             vae_latent: 64,
+            vae_batch: 1,
             text_batch: 2,
             threads: None,
             unet_layers: false,
@@ -416,7 +419,7 @@ fn bench_vae(opts: &BenchOptions) -> Result<BenchRow, BenchError> {
     let vae = AutoencoderKL::new(&VaeConfig::sd15(), random_vb(opts.seed, opts))?;
     let build_s = start.elapsed().as_secs_f64();
     let s = opts.vae_latent;
-    let z = random_input(&[1, 4, s, s], 1.0, opts.seed ^ 3, opts)?;
+    let z = random_input(&[opts.vae_batch.max(1), 4, s, s], 1.0, opts.seed ^ 3, opts)?;
     let times = time_runs(opts.repeats, &opts.device, || vae.decode(&z).map(drop))?;
     Ok(row("VAE decode", z.dims(), &times, build_s))
 }

@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// VAE latent size of the vae part (64 decodes to 512 px).
     #[arg(long, default_value_t = 64)]
     pub vae_latent: usize,
+    /// Images per decode of the vae part (a server decodes up to --max-batch).
+    #[arg(long, default_value_t = 1)]
+    pub vae_batch: usize,
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -80,6 +83,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         unet_sizes: args.unet_sizes.clone(),
         unet_batch: args.unet_batch,
         vae_latent: args.vae_latent,
+        vae_batch: args.vae_batch,
         threads: args.threads,
         unet_layers: args.unet_layers,
         afa_members: args.afa_members.clone(),

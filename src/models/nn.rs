@@ -11,6 +11,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 mod fast;
+mod flash;
 mod frozen;
 
 /// A `k x k` convolution with `padding` and `stride` (diffusers names `weight`, `bias`).
@@ -318,7 +319,9 @@ fn free_memory(_device: &Device) -> Option<usize> {
     None
 }
 
-/// Scaled dot-product attention over heads. For long sequences (more scores than the device's
+/// Scaled dot-product attention over heads. On the CPU in f32 without gradients (inference,
+/// and the frozen members while training) it is the fused kernel of `flash.rs` (no score
+/// matrix in memory). Otherwise, for long sequences (more scores than the device's
 /// budget, see `score_budget`) it runs one sample at a time,
 /// in slices of queries, so that the score matrix of all heads is never allocated at once. The
 /// slicing depends on the per-sample shape only, never on the batch size, so a sample's result
@@ -331,6 +334,9 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    if fast::applies(q) && fast::applies(k) && fast::applies(v) {
+        return flash::attention(q, k, v, scale);
+    }
     attention_within(q, k, v, scale, score_budget(q.device()))
 }
 

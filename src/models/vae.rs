@@ -13,6 +13,9 @@ use super::ModelError;
 use super::blocks::{Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D};
 use super::nn::{self, Attention, AttentionSpec, Conv2d, ConvSpec, GroupNorm};
 
+/// Images the CPU decodes at once (see [`AutoencoderKL::decode`]).
+pub const DECODE_CHUNK: usize = 1;
+
 /// Every norm of the VAE uses this epsilon (diffusers hard-codes it).
 const VAE_EPS: f64 = 1e-6;
 const COMPONENT: &str = "vae";
@@ -502,7 +505,22 @@ impl AutoencoderKL {
     /// Decodes an unscaled latent `z`: `[B, latent, h, w]` (that is, diffusion latents already
     /// divided by `scaling_factor()` and shifted back, see `unscale_latents`) into an image
     /// `[B, out, h*f, w*f]`, nominally in `[-1, 1]` but not clamped (as diffusers' `decode`).
+    ///
+    /// A batch is decoded in chunks of [`DECODE_CHUNK`] images on the CPU (one full-resolution
+    /// decoder's activations at a time, however many images a server batches), whole on an
+    /// accelerator; each image's result is the same either way (the decoder is per-sample).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let b = z.dim(0)?;
+        if z.device().is_cpu() && b > DECODE_CHUNK {
+            let mut chunks = Vec::with_capacity(b.div_ceil(DECODE_CHUNK));
+            let mut start = 0;
+            while start < b {
+                let n = DECODE_CHUNK.min(b - start);
+                chunks.push(self.decode(&z.narrow(0, start, n)?)?);
+                start += n;
+            }
+            return Tensor::cat(&chunks, 0);
+        }
         let z = match &self.post_quant_conv {
             Some(c) => c.forward(z)?,
             None => z.clone(),

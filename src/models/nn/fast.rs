@@ -11,7 +11,7 @@ pub fn applies(x: &Tensor) -> bool {
 }
 
 /// The contiguous f32 data of a CPU storage, or an error naming `op`.
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v,
         _ => bail!("{op}: f32 only"),
@@ -36,28 +36,74 @@ impl ConvGeometry {
     }
 }
 
+/// Most bytes of im2col columns that exist at once, per convolution (64 MiB): larger outputs
+/// are computed in bands of output rows, one image at a time, so a 512x512 VAE decode does not
+/// build a 1.2 GB column buffer per 128-channel layer.
+const COLUMNS_BUDGET: usize = 64 << 20;
+
 /// `x`: `[B, I, H, W]`, `w`: `[O, I, k, k]`, `bias`: `[O]` -> `[B, O, H', W']`, as one
-/// `[O, I*k*k] x [I*k*k, H'*W']` matmul per image (no im2col at all for 1x1 stride 1).
+/// `[O, I*k*k] x [I*k*k, H'*W']` matmul per image (no im2col at all for 1x1 stride 1), or per
+/// band of output rows when the columns would pass [`COLUMNS_BUDGET`] (the band depends on
+/// the image's shape only, never on the batch).
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: ConvGeometry) -> Result<Tensor> {
+    conv2d_within(x, w, bias, (g, COLUMNS_BUDGET))
+}
+
+/// [`conv2d`] with at most `budget` bytes of columns at once.
+fn conv2d_within(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (g, budget): (ConvGeometry, usize),
+) -> Result<Tensor> {
     let (b, _, h, wd) = x.dims4()?;
     let (o, i, _, _) = w.dims4()?;
     let (ho, wo) = (g.out_len(h), g.out_len(wd));
-    let cols = if g.kernel == 1 && g.stride == 1 && g.padding == 0 {
-        x.contiguous()?.reshape((b, i, h * wd))?
-    } else {
-        x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))?
-    };
     let kk = i * g.kernel * g.kernel;
-    let w = w.reshape((1, o, kk))?.broadcast_as((b, o, kk))?;
-    let y = w.matmul(&cols)?.reshape((b, o, ho, wo))?;
+    let x = x.contiguous()?;
+    let y = if g.kernel == 1 && g.stride == 1 && g.padding == 0 {
+        let w = w.reshape((1, o, kk))?.broadcast_as((b, o, kk))?;
+        w.matmul(&x.reshape((b, i, h * wd))?)?
+            .reshape((b, o, ho, wo))?
+    } else {
+        let band = (budget / (kk * wo * 4).max(1)).clamp(1, ho.max(1));
+        if band >= ho {
+            let cols = x.apply_op1_no_bwd(&Im2Col { g, rows: None })?;
+            let w = w.reshape((1, o, kk))?.broadcast_as((b, o, kk))?;
+            w.matmul(&cols)?.reshape((b, o, ho, wo))?
+        } else {
+            let w = w.reshape((1, o, kk))?;
+            let mut images = Vec::with_capacity(b);
+            for n in 0..b {
+                let image = x.narrow(0, n, 1)?;
+                let mut bands = Vec::with_capacity(ho.div_ceil(band));
+                let mut start = 0;
+                while start < ho {
+                    let rows = band.min(ho - start);
+                    let cols = image.apply_op1_no_bwd(&Im2Col {
+                        g,
+                        rows: Some((start, start + rows)),
+                    })?;
+                    bands.push(w.matmul(&cols)?.reshape((1, o, rows, wo))?);
+                    start += rows;
+                }
+                images.push(Tensor::cat(&bands, 2)?);
+            }
+            Tensor::cat(&images, 0)?
+        }
+    };
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
         None => Ok(y),
     }
 }
 
-/// `[B, C, H, W]` -> `[B, C*k*k, H'*W']`, rows ordered `(c, kh, kw)` like the weight.
-struct Im2Col(ConvGeometry);
+/// `[B, C, H, W]` -> `[B, C*k*k, R*W']`, rows ordered `(c, kh, kw)` like the weight, for the
+/// output rows `rows` (`[start, end)`, all `H'` when `None`).
+struct Im2Col {
+    g: ConvGeometry,
+    rows: Option<(usize, usize)>,
+}
 
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
@@ -67,39 +113,44 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "im2col")?;
         let (b, c, h, w) = l.shape().dims4()?;
-        let g = self.0;
+        let g = self.g;
         let (ho, wo) = (g.out_len(h), g.out_len(w));
+        let (start, end) = self.rows.unwrap_or((0, ho));
+        if start > end || end > ho {
+            bail!("im2col: rows {start}..{end} of {ho}");
+        }
+        let n = (end - start) * wo;
         let k = g.kernel;
-        let mut out = vec![0f32; b * c * k * k * ho * wo];
-        out.par_chunks_mut(k * k * ho * wo)
+        let mut out = vec![0f32; b * c * k * k * n];
+        out.par_chunks_mut(k * k * n)
             .zip(x.par_chunks(h * w))
             .for_each(|(dst, src)| {
-                for (r, row) in dst.chunks_mut(ho * wo).enumerate() {
-                    im2col_row(src, (h, w), (r / k, r % k), g, row);
+                for (r, row) in dst.chunks_mut(n).enumerate() {
+                    im2col_row(src, (h, w), (r / k, r % k), (g, start), row);
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((b, c * k * k, ho * wo))))
+        Ok((CpuStorage::F32(out), Shape::from((b, c * k * k, n))))
     }
 }
 
-/// Fills `row` (`[H'*W']`, zeroed) with the input plane `src` (`[H, W]`) seen through
-/// kernel tap `(kh, kw)`.
+/// Fills `row` (`[R*W']`, zeroed) with the input plane `src` (`[H, W]`) seen through kernel
+/// tap `(kh, kw)`, for the `R` output rows from `first`.
 fn im2col_row(
     src: &[f32],
     (h, w): (usize, usize),
     (kh, kw): (usize, usize),
-    g: ConvGeometry,
+    (g, first): (ConvGeometry, usize),
     row: &mut [f32],
 ) {
-    let (ho, wo) = (g.out_len(h), g.out_len(w));
+    let wo = g.out_len(w);
     let p = g.padding as isize;
-    for oy in 0..ho {
+    for (r, dst) in row.chunks_mut(wo).enumerate() {
+        let oy = first + r;
         let iy = (oy * g.stride + kh) as isize - p;
         if iy < 0 || iy >= h as isize {
             continue;
         }
         let src_row = &src[iy as usize * w..(iy as usize + 1) * w];
-        let dst = &mut row[oy * wo..(oy + 1) * wo];
         if g.stride == 1 {
             // Valid ox: 0 <= ox + kw - p < w.
             let lo = (p - kw as isize).max(0) as usize;
@@ -231,7 +282,7 @@ impl CustomOp1 for Softmax {
 /// and +inf ~1.6e38), branch-free so loops over it vectorise: `e^x = 2^n * e^r`,
 /// `|r| <= ln2/2`, degree-6 Taylor for `e^r`.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(super) fn fast_exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E + ROUND;
@@ -330,6 +381,22 @@ mod tests {
                 max_diff(&got, &want)? < 1e-4,
                 "k {k} stride {stride} padding {padding}"
             );
+            // In bands of 1 and 3 output rows (one image at a time): the same, and a sample's
+            // result the same bits alone or in the batch.
+            let row_bytes = 5 * k * k * got.dim(3)? * 4;
+            for budget in [1, 3 * row_bytes] {
+                let banded = conv2d_within(&x, &w, Some(&bias), (g, budget))?;
+                assert!(max_diff(&banded, &want)? < 1e-4, "k {k} budget {budget}");
+                let alone = conv2d_within(&x.narrow(0, 1, 1)?, &w, Some(&bias), (g, budget))?;
+                let flat = |t: &Tensor| -> Result<Vec<u32>> {
+                    Ok(t.flatten_all()?
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .map(f32::to_bits)
+                        .collect())
+                };
+                assert_eq!(flat(&alone)?, flat(&banded.narrow(0, 1, 1)?)?);
+            }
         }
         Ok(())
     }
