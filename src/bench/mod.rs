@@ -9,6 +9,7 @@
 //! Everything runs on `BenchOptions::device` in `BenchOptions::dtype` (f32 on the CPU by
 //! default); on a GPU every timed run ends with a device synchronisation.
 mod afa;
+mod attention;
 mod generate;
 
 use std::fmt;
@@ -52,6 +53,8 @@ pub enum BenchPart {
     Generate,
     /// Images per second of one model at each of `throughput_batches` images per batch.
     Throughput,
+    /// The attention kernels (fused and sliced) on SD1.5's and the aggregators' shapes.
+    Attention,
 }
 
 impl BenchPart {
@@ -71,8 +74,9 @@ impl FromStr for BenchPart {
             "afa" => Ok(BenchPart::Afa),
             "generate" | "gen" => Ok(BenchPart::Generate),
             "throughput" => Ok(BenchPart::Throughput),
+            "attention" => Ok(BenchPart::Attention),
             other => Err(BenchError::Option(format!(
-                "unknown part {other:?} (expected unet, vae, text, afa, generate or throughput)"
+                "unknown part {other:?} (expected unet, vae, text, afa, generate, throughput or attention)"
             ))),
         }
     }
@@ -291,6 +295,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             BenchPart::Vae => report.rows.push(bench_vae(opts)?),
             BenchPart::Text => report.rows.push(bench_text(opts)?),
             BenchPart::Afa => afa::bench_afa(opts, &mut report)?,
+            BenchPart::Attention => attention::bench_attention(opts, &mut report)?,
             BenchPart::Generate => generate::bench_generate(opts, &mut report)?,
             BenchPart::Throughput => generate::bench_throughput(opts, &mut report)?,
         }

@@ -340,6 +340,13 @@ pub fn scaled_dot_product_attention(
     attention_within(q, k, v, scale, score_budget(q.device()))
 }
 
+/// The composed path of [`scaled_dot_product_attention`] (matmul, softmax, matmul; sliced by
+/// the device's score budget) whatever the device and dtype: what the fused CPU kernel is
+/// measured against (`afa bench --parts attention`).
+pub fn sliced_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_within(q, k, v, scale, score_budget(q.device()))
+}
+
 /// `scaled_dot_product_attention` with at most `budget` scores per sample at once.
 fn attention_within(
     q: &Tensor,

@@ -1,7 +1,8 @@
 //! An S3-compatible server for tests: `moto_server` (PyPI `moto[server]`) on a free port, one
 //! per test binary, with a fresh bucket per test. The binary is `$AFA_MOTO_SERVER`, else
 //! `target/moto-venv/bin/moto_server` (`scripts/s3_test_server.sh` installs it). Missing: the
-//! tests fail when `CI` is set and are skipped with a note otherwise.
+//! tests fail when `CI` is set and are skipped with a note otherwise. A watcher shell stops the
+//! server when the test process ends.
 #![allow(dead_code)]
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -50,8 +51,19 @@ pub fn server() -> Option<&'static MotoServer> {
                 .local_addr()
                 .unwrap()
                 .port();
-            let child = Command::new(bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // Through a watcher shell that stops the server once this test process is gone: the
+            // server lives in a static, which is never dropped, so a plain child would outlive
+            // the tests (one stray moto per test binary).
+            let script = format!(
+                "'{bin}' -H 127.0.0.1 -p {port} >/dev/null 2>&1 & m=$!; \
+                 while [ -d /proc/{me} ] && kill -0 $m 2>/dev/null; do sleep 0.5; done; \
+                 kill $m 2>/dev/null; wait $m",
+                bin = bin.display(),
+                me = std::process::id(),
+            );
+            let child = Command::new("/bin/sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
