@@ -73,22 +73,30 @@ async fn the_heartbeat_stops_jobs_cancelled_elsewhere_or_taken_over() {
     );
 }
 
-/// Two replicas on one PostgreSQL database share its queue: jobs submitted to either run once
-/// each, on one of them, and either answers for every job.
-#[tokio::test]
-async fn two_replicas_on_postgres_run_every_job_once() {
+/// Two fake-engine replicas (`step_ms` a step) on one fresh PostgreSQL database; `None` (with
+/// a note) when PostgreSQL is not installed outside CI.
+async fn two_replicas(step_ms: u64) -> Option<[JobServer; 2]> {
     let Some(url) = tokio::task::spawn_blocking(postgres::fresh_database)
         .await
         .unwrap()
     else {
         eprintln!("skipped: no PostgreSQL");
-        return;
+        return None;
     };
     let ttl = Duration::from_secs(3600);
-    let replicas = [
-        start_jobs_on(Some(url.clone()), 20, ttl, ApiConfig::default()),
-        start_jobs_on(Some(url), 20, ttl, ApiConfig::default()),
-    ];
+    Some([
+        start_jobs_on(Some(url.clone()), step_ms, ttl, ApiConfig::default()),
+        start_jobs_on(Some(url), step_ms, ttl, ApiConfig::default()),
+    ])
+}
+
+/// Two replicas on one PostgreSQL database share its queue: jobs submitted to either run once
+/// each, on one of them, and either answers for every job.
+#[tokio::test]
+async fn two_replicas_on_postgres_run_every_job_once() {
+    let Some(replicas) = two_replicas(20).await else {
+        return;
+    };
     let mut ids = Vec::new();
     for i in 0..12u64 {
         let body = json!({"prompt": format!("p{i}"), "steps": 5, "seed": i, "n": 1 + i % 2});
@@ -130,18 +138,9 @@ async fn two_replicas_on_postgres_run_every_job_once() {
 /// the event stream of another replica's job follows the row to its result.
 #[tokio::test]
 async fn progress_and_positions_are_right_from_any_replica() {
-    let Some(url) = tokio::task::spawn_blocking(postgres::fresh_database)
-        .await
-        .unwrap()
-    else {
-        eprintln!("skipped: no PostgreSQL");
+    let Some(replicas) = two_replicas(40).await else {
         return;
     };
-    let ttl = Duration::from_secs(3600);
-    let replicas = [
-        start_jobs_on(Some(url.clone()), 40, ttl, ApiConfig::default()),
-        start_jobs_on(Some(url), 40, ttl, ApiConfig::default()),
-    ];
     // Each replica takes one 4-image job (its job budget; other step counts: other batch keys,
     // claimed one by one); the third waits in the queue.
     let mut ids = Vec::new();
