@@ -164,7 +164,11 @@ impl Nginx {
             .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"))
             .replacen("http {\n", &local, 1);
         assert!(conf.contains(upstreams[0]) && conf.contains(upstreams[1]));
-        let user = if unsafe_is_root() { "user root;\n" } else { "" };
+        let user = if running_as_root() {
+            "user root;\n"
+        } else {
+            ""
+        };
         let conf =
             format!("{user}daemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n{conf}");
         let path = dir.join("nginx.conf");
@@ -200,7 +204,7 @@ impl Nginx {
 
 /// Whether this process runs as root (nginx's workers then need `user root` to write the temp
 /// folder this test made).
-fn unsafe_is_root() -> bool {
+fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()

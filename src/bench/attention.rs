@@ -4,6 +4,14 @@
 use super::{BenchError, BenchOptions, BenchReport, random_input, row, time_runs};
 use crate::models::nn;
 
+/// An attention path: `q`, `k`, `v`, scale -> output.
+type AttentionFn = fn(
+    &candle_core::Tensor,
+    &candle_core::Tensor,
+    &candle_core::Tensor,
+    f64,
+) -> candle_core::Result<candle_core::Tensor>;
+
 /// `(label, [B, H, Tq, d], Tk)`.
 const SHAPES: [(&str, [usize; 4], usize); 6] = [
     ("aggregator self-attention 64x64", [2, 8, 4096, 16], 4096),
@@ -26,24 +34,17 @@ pub(super) fn bench_attention(
         let k = random_input(&[b, h, *tk, d], 1.0, seed ^ 1, opts)?;
         let v = random_input(&[b, h, *tk, d], 1.0, seed ^ 2, opts)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let times = time_runs(opts.repeats, &opts.device, || {
-            nn::scaled_dot_product_attention(&q, &k, &v, scale).map(drop)
-        })?;
-        report.rows.push(row(
-            &format!("attention default, {label}"),
-            q_dims,
-            &times,
-            0.0,
-        ));
-        let times = time_runs(opts.repeats, &opts.device, || {
-            nn::sliced_attention(&q, &k, &v, scale).map(drop)
-        })?;
-        report.rows.push(row(
-            &format!("attention sliced, {label}"),
-            q_dims,
-            &times,
-            0.0,
-        ));
+        let paths: [(&str, AttentionFn); 2] = [
+            ("default", nn::scaled_dot_product_attention),
+            ("sliced", nn::sliced_attention),
+        ];
+        for (path, attend) in paths {
+            let times = time_runs(opts.repeats, &opts.device, || {
+                attend(&q, &k, &v, scale).map(drop)
+            })?;
+            let name = format!("attention {path}, {label}");
+            report.rows.push(row(&name, q_dims, &times, 0.0));
+        }
     }
     Ok(())
 }

@@ -101,7 +101,7 @@ pub struct ServeArgs {
     pub job_lease_s: u64,
     /// A running job's progress (queue position, step) is written to the job database at most
     /// once per this many milliseconds, so every replica can show it.
-    #[arg(long, env = "AFA_JOB_PROGRESS_MS", default_value_t = 500)]
+    #[arg(long, env = "AFA_JOB_PROGRESS_MS", default_value_t = crate::jobs::PROGRESS_EVERY.as_millis() as u64)]
     pub job_progress_ms: u64,
     /// Body limit, in bytes, of the routes that carry pictures (`POST /generate`,
     /// `/generate/stream`, `/v1/jobs` with `init_image`, and `/v1/images/edits`).

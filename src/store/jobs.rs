@@ -310,19 +310,6 @@ impl JobStore {
         self.db().fetch_optional(&sql, vec![]).await
     }
 
-    /// Images of queued jobs submitted before the job at `queue_order`.
-    pub async fn queued_images_before(&self, queue_order: i64) -> StoreResult<usize> {
-        let Int(n) = self
-            .db()
-            .fetch_one(
-                "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) AS v FROM jobs \
-                 WHERE status = 'queued' AND queue_order < ?",
-                args![queue_order],
-            )
-            .await?;
-        Ok(n.max(0) as usize)
-    }
-
     /// Images ahead of a queued job in the shared queue: those of queued jobs before it
     /// (`queue_order` smaller) and of every running job (on any replica).
     pub async fn images_ahead(&self, queue_order: i64) -> StoreResult<usize> {

@@ -130,7 +130,7 @@ async fn insert_keeps_order_seeds_and_params(f: Fresh) {
     assert_eq!((a.images, a.attempts), (2, 0));
     assert_eq!(a.params["seed"], 7);
     assert_eq!(store.next_queued().await.unwrap().unwrap().id, a.id);
-    assert_eq!(store.queued_images_before(b.queue_order).await.unwrap(), 2);
+    assert_eq!(store.images_ahead(b.queue_order).await.unwrap(), 2);
     assert_eq!(store.active_images(None).await.unwrap(), 4);
     assert_eq!(store.active_images(Some("key_x")).await.unwrap(), 0);
 }

@@ -251,39 +251,4 @@ mod tests {
         assert!(attention(&q, &k, &k, 1.0).is_err());
         Ok(())
     }
-
-    /// Times the kernel against the sliced path of `nn.rs` for the UNet's and the aggregators'
-    /// 4096-token shapes: `cargo test --release --lib flash::tests::timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing() -> Result<()> {
-        let dev = &Device::Cpu;
-        for (b, h, t, tk, d) in [
-            (2, 8, 4096, 4096, 16),
-            (2, 8, 4096, 4096, 40),
-            (2, 8, 1024, 1024, 80),
-            (2, 8, 4096, 77, 40),
-            (2, 8, 1024, 77, 80),
-            (2, 8, 256, 77, 160),
-            (2, 8, 256, 256, 160),
-            (2, 8, 64, 64, 160),
-        ] {
-            let q = Tensor::randn(0f32, 1.0, (b, h, t, d), dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, h, tk, d), dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, h, tk, d), dev)?;
-            let scale = 1.0 / (d as f64).sqrt();
-            let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
-                f()?;
-                let t = std::time::Instant::now();
-                for _ in 0..3 {
-                    f()?;
-                }
-                Ok(t.elapsed().as_secs_f64() / 3.0)
-            };
-            let fused = time(&|| attention(&q, &k, &v, scale))?;
-            let sliced = time(&|| super::super::attention_within(&q, &k, &v, scale, 1 << 24))?;
-            println!("{b}x{h}x{t}x{tk}x{d}: fused {fused:.3} s, sliced {sliced:.3} s");
-        }
-        Ok(())
-    }
 }
