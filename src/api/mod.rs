@@ -7,6 +7,7 @@
 //! with the answer types in `schema`). Every failure is an [`ApiError`].
 pub mod apidoc;
 pub mod body;
+mod drain;
 mod edits;
 pub mod error;
 mod generate;
@@ -206,6 +207,7 @@ pub fn router(state: ApiState) -> Router {
         ))
         .layer(axum::middleware::from_fn(middleware::request_id))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(drain::drain_unread))
         .with_state(state)
 }
 
