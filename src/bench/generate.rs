@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::afa::random_ensemble;
-use super::{BenchError, BenchOptions, BenchReport, random_vb, reset_peak_rss, row, time_runs};
+use super::{
+    BenchError, BenchOptions, BenchReport, random_vb, reset_peak_rss, row, time_warm_runs,
+};
 use crate::ensemble::EnsembleMode;
 use crate::loading::tokenizer_files::embedded_tokenizer;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -67,19 +69,27 @@ fn single_model(opts: &BenchOptions) -> Result<SdPipeline<SingleUNet>, BenchErro
     pipeline(opts, denoiser, vae)
 }
 
+/// Times `repeats` runs of `req` after a warm-up of one step at the same size (every shape,
+/// text encode and decode once: a whole warm-up generation would double a 512 px run).
 fn time_generation<D: Denoiser>(
     opts: &BenchOptions,
     p: &SdPipeline<D>,
     req: &BatchRequest,
 ) -> Result<Vec<f64>, BenchError> {
-    time_runs(opts.repeats, &opts.device, || {
+    let run = |req: &BatchRequest| {
         p.generate(req, &mut ())
             .map(drop)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
-    })
+    };
+    run(&BatchRequest {
+        steps: 1,
+        ..req.clone()
+    })?;
+    time_warm_runs(opts.repeats, &opts.device, || run(req))
 }
 
-/// One image with one model for `gen_steps`, then with AFA (`gen_members`) for `afa_gen_steps`.
+/// One image with one model for `gen_steps`, then with AFA for each pair of `gen_members` and
+/// `afa_gen_steps`.
 pub(super) fn bench_generate(
     opts: &BenchOptions,
     report: &mut BenchReport,
@@ -95,27 +105,24 @@ pub(super) fn bench_generate(
     report.rows.push(row(&name, &[1, 3, s, s], &times, build_s));
     drop(single);
 
-    reset_peak_rss();
-    let start = Instant::now();
-    let n = opts.gen_members;
-    let text = Arc::new(ClipTextModel::new(
-        &ClipTextConfig::sd15(),
-        random_vb(opts.seed ^ 7, opts),
-    )?);
-    let ensemble = random_ensemble(opts, n, &text)?;
-    let vae = AutoencoderKL::new(&VaeConfig::sd15(), random_vb(opts.seed, opts))?;
-    let denoiser = ensemble
-        .denoiser(&EnsembleMode::Afa)
-        .map_err(|e| BenchError::Option(e.to_string()))?;
-    let afa = pipeline(opts, denoiser, vae)?;
-    let build_s = start.elapsed().as_secs_f64();
-    let req = request(opts, 1, opts.afa_gen_steps);
-    let times = time_generation(opts, &afa, &req)?;
-    let name = format!(
-        "generate, AFA N={n}, {} DDIM steps, CFG",
-        opts.afa_gen_steps
-    );
-    report.rows.push(row(&name, &[1, 3, s, s], &times, build_s));
+    for (&n, &steps) in opts.gen_members.iter().zip(&opts.afa_gen_steps) {
+        reset_peak_rss();
+        let start = Instant::now();
+        let text = Arc::new(ClipTextModel::new(
+            &ClipTextConfig::sd15(),
+            random_vb(opts.seed ^ 7, opts),
+        )?);
+        let ensemble = random_ensemble(opts, n, &text)?;
+        let vae = AutoencoderKL::new(&VaeConfig::sd15(), random_vb(opts.seed, opts))?;
+        let denoiser = ensemble
+            .denoiser(&EnsembleMode::Afa)
+            .map_err(|e| BenchError::Option(e.to_string()))?;
+        let afa = pipeline(opts, denoiser, vae)?;
+        let build_s = start.elapsed().as_secs_f64();
+        let times = time_generation(opts, &afa, &request(opts, 1, steps))?;
+        let name = format!("generate, AFA N={n}, {steps} DDIM steps, CFG");
+        report.rows.push(row(&name, &[1, 3, s, s], &times, build_s));
+    }
     Ok(())
 }
 

@@ -49,7 +49,8 @@ pub enum BenchPart {
     /// One AFA step (N members + 25 aggregators) against N single UNet steps.
     Afa,
     /// Whole generations (text encode, DDIM with CFG, VAE decode; PNG encoding excluded):
-    /// one model for `gen_steps`, and AFA with `gen_members` members for `afa_gen_steps`.
+    /// one model for `gen_steps`, then AFA with each `gen_members[i]` members for
+    /// `afa_gen_steps[i]` steps.
     Generate,
     /// Images per second of one model at each of `throughput_batches` images per batch.
     Throughput,
@@ -112,10 +113,10 @@ pub struct BenchOptions {
     pub gen_size: usize,
     /// DDIM steps of the single-model generation and of the throughput runs.
     pub gen_steps: usize,
-    /// DDIM steps of the AFA generation.
-    pub afa_gen_steps: usize,
-    /// Members of the AFA generation.
-    pub gen_members: usize,
+    /// DDIM steps of each AFA generation (paired with `gen_members`).
+    pub afa_gen_steps: Vec<usize>,
+    /// Members of each AFA generation.
+    pub gen_members: Vec<usize>,
     /// Images per batch of the `throughput` part.
     pub throughput_batches: Vec<usize>,
 }
@@ -138,8 +139,8 @@ impl Default for BenchOptions {
             dtype: DType::F32,
             gen_size: 512,
             gen_steps: 50,
-            afa_gen_steps: 20,
-            gen_members: 3,
+            afa_gen_steps: vec![20],
+            gen_members: vec![3],
             throughput_batches: vec![1, 4, 8],
         }
     }
@@ -323,8 +324,16 @@ fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
     if opts.gen_size == 0 || !opts.gen_size.is_multiple_of(64) {
         return bad("the generation size must be a positive multiple of 64 pixels");
     }
-    if opts.gen_steps == 0 || opts.afa_gen_steps == 0 || !(1..=8).contains(&opts.gen_members) {
+    if opts.gen_steps == 0
+        || opts.afa_gen_steps.contains(&0)
+        || opts.gen_members.iter().any(|n| !(1..=8).contains(n))
+    {
         return bad("generation steps must be at least 1 and members within 1..=8");
+    }
+    if opts.gen_members.is_empty() || opts.gen_members.len() != opts.afa_gen_steps.len() {
+        return bad(
+            "give one AFA step count per member count (--gen-members 3,2 --afa-gen-steps 20,30)",
+        );
     }
     if opts.throughput_batches.is_empty() || opts.throughput_batches.contains(&0) {
         return bad("throughput batches must be at least 1");
@@ -450,6 +459,16 @@ pub(crate) fn time_runs(
     mut f: impl FnMut() -> candle_core::Result<()>,
 ) -> Result<Vec<f64>, BenchError> {
     f()?;
+    time_warm_runs(repeats, device, f)
+}
+
+/// `repeats` timed runs of `f`, already warmed up, each ended by a synchronisation of `device`;
+/// returns the sorted times in seconds.
+pub(crate) fn time_warm_runs(
+    repeats: usize,
+    device: &Device,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> Result<Vec<f64>, BenchError> {
     device.synchronize()?;
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {

@@ -51,12 +51,12 @@ pub struct BenchArgs {
     /// DDIM steps of the one-model generation and of the throughput batches.
     #[arg(long, default_value_t = 50)]
     pub gen_steps: usize,
-    /// DDIM steps of the AFA generation.
-    #[arg(long, default_value_t = 20)]
-    pub afa_gen_steps: usize,
-    /// Members of the AFA generation.
-    #[arg(long, default_value_t = 3)]
-    pub gen_members: usize,
+    /// DDIM steps of each AFA generation, paired with --gen-members (e.g. 20,30).
+    #[arg(long, value_delimiter = ',', default_value = "20")]
+    pub afa_gen_steps: Vec<usize>,
+    /// Members of each AFA generation (e.g. 3,2).
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    pub gen_members: Vec<usize>,
     /// Images per batch of the throughput part.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     pub throughput_batches: Vec<usize>,
@@ -92,8 +92,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         dtype,
         gen_size: args.gen_size,
         gen_steps: args.gen_steps,
-        afa_gen_steps: args.afa_gen_steps,
-        gen_members: args.gen_members,
+        afa_gen_steps: args.afa_gen_steps.clone(),
+        gen_members: args.gen_members.clone(),
         throughput_batches: args.throughput_batches.clone(),
         ..Default::default()
     };
