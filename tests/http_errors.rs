@@ -502,27 +502,32 @@ async fn raw_exchange(tcp: &mut tokio::net::TcpStream, head: String, body: &[u8]
     tcp.write_all(body)
         .await
         .expect("the server reads the whole body; it must not reset the connection under it");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = tcp.read(&mut buf).await.expect("reading the answer");
-        assert!(n > 0, "connection closed before the answer: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).to_string();
-        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .expect("a content-length");
-            if rest.len() >= length {
-                return head[9..12].parse().unwrap();
+    let reading = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = tcp.read(&mut buf).await.expect("reading the answer");
+            assert!(n > 0, "connection closed before the answer: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .expect("a content-length");
+                if rest.len() >= length {
+                    return head[9..12].parse().unwrap();
+                }
             }
         }
-    }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), reading)
+        .await
+        .expect("an answer within 20 s")
 }
 
 #[tokio::test]

@@ -29,7 +29,8 @@ pub struct DrainBounds {
     pub total: Duration,
 }
 
-/// What the server uses: 64 MiB, 5 s of silence, 30 s in all (nginx's lingering defaults).
+/// What the server uses: 64 MiB, 5 s of silence, 30 s in all (the times are nginx's defaults
+/// for `lingering_timeout` and `lingering_time`).
 pub const DRAIN: DrainBounds = DrainBounds {
     max_bytes: 64 * 1024 * 1024,
     idle: Duration::from_secs(5),
