@@ -117,7 +117,25 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)?
     };
-    Ok(Linear { inner })
+    Ok(Linear {
+        inner: with_gemm_friendly_weight(inner)?,
+    })
+}
+
+/// A constant CPU weight `[O, I]` stored column-major (an `[I, O]` buffer seen through a
+/// transpose), so `x @ W^T` hands the gemm a row-major right-hand side. With the row-major
+/// `[O, I]` buffer the gemm reads the right-hand side with a stride of `I` floats, which for
+/// few rows (CLIP's 77 tokens) and long rows (an MLP's down projection, `I` = 3072) was 1.3-3x
+/// slower (BENCHMARKS.md, text encoder). Same values, same summation order per output, so the
+/// results do not change; trained variables (`Var`s) keep their layout, since a copy would
+/// cut them off from their optimiser.
+fn with_gemm_friendly_weight(linear: candle_nn::Linear) -> Result<candle_nn::Linear> {
+    let weight = linear.weight();
+    if weight.is_variable() || !weight.device().is_cpu() {
+        return Ok(linear);
+    }
+    let column_major = weight.t()?.contiguous()?.t()?;
+    Ok(candle_nn::Linear::new(column_major, linear.bias().cloned()))
 }
 
 /// A linear layer (`weight` `[O, I]`, optional `bias` `[O]`): candle's `Linear`, except that
@@ -473,6 +491,34 @@ mod tests {
 
     /// A sample's attention and linear outputs are the same bits alone or in any batch, sliced
     /// or not (the slicing depends on the per-sample shape only).
+    #[test]
+    fn constant_linear_weights_are_stored_for_the_gemm_and_give_the_same_bits() -> Result<()> {
+        let dev = &Device::Cpu;
+        let (w, b) = (
+            Tensor::randn(0f32, 1.0, (48, 3072), dev)?,
+            Tensor::randn(0f32, 1.0, 48, dev)?,
+        );
+        let tensors = [
+            ("weight".to_string(), w.clone()),
+            ("bias".to_string(), b.clone()),
+        ];
+        let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, dev);
+        let lin = linear(3072, 48, true, vb)?;
+        // Seen as [O, I], stored as [I, O]: the transpose the gemm multiplies by is row-major.
+        assert_eq!(lin.weight().dims(), &[48, 3072]);
+        assert_eq!(lin.weight().stride(), &[1, 48]);
+        let x = Tensor::randn(0f32, 1.0, (1, 77, 3072), dev)?;
+        let plain = candle_nn::Linear::new(w, Some(b)).forward(&x)?;
+        assert_eq!(bits(&lin.forward(&x)?), bits(&plain));
+        // A trained variable keeps its tensor, so the optimiser still updates what runs.
+        let vars = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, dev);
+        let trained = linear(16, 8, true, vb)?;
+        assert!(trained.weight().is_variable());
+        assert_eq!(trained.weight().stride(), &[16, 1]);
+        Ok(())
+    }
+
     #[test]
     fn attention_and_linear_are_batch_invariant() -> Result<()> {
         let dev = &Device::Cpu;
