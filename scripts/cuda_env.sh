@@ -87,3 +87,34 @@ afa_cuda_env() {
   export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13040}"
   echo "cuda_env: CUDA_HOME=$CUDA_HOME ($(nvcc --version | tail -2 | head -1)), compute cap $CUDA_COMPUTE_CAP" >&2
 }
+
+# The CUTLASS checkout candle-flash-attn's build compiles against (the `flash-attn` feature).
+# Its build script (cudaforge) would `git clone` NVIDIA/cutlass from GitHub at a pinned commit;
+# it uses a checkout at $CUDAFORGE_HOME/git/checkouts/cutlass-<16 hex of the commit> whose HEAD
+# is that commit instead. This makes one, outside the clone, from AFA_CUTLASS_GIT (any git URL
+# or local repository holding the commit: a mirror where GitHub cannot be reached), and exports
+# CUDAFORGE_HOME. The compiled kernels are kept in CANDLE_FLASH_ATTN_BUILD_DIR, also outside.
+AFA_CUTLASS_COMMIT=7d49e6c7e2f8896c47f586706e67e1fb215529dc  # candle-flash-attn 0.11.1's build.rs
+
+afa_cutlass_checkout() {
+  local cache dir
+  cache="$(afa_cuda_cache_dir)"
+  export CUDAFORGE_HOME="$cache/cudaforge"
+  export CANDLE_FLASH_ATTN_BUILD_DIR="$cache/flash-attn-kernels"
+  mkdir -p "$CANDLE_FLASH_ATTN_BUILD_DIR"
+  dir="$CUDAFORGE_HOME/git/checkouts/cutlass-${AFA_CUTLASS_COMMIT:0:16}"
+  if [ "$(git -C "$dir" rev-parse HEAD 2>/dev/null)" = "$AFA_CUTLASS_COMMIT" ] \
+      && [ -f "$dir/include/cutlass/cutlass.h" ]; then
+    return 0
+  fi
+  local src="${AFA_CUTLASS_GIT:-https://github.com/NVIDIA/cutlass.git}"
+  echo "cuda_env: checking out CUTLASS $AFA_CUTLASS_COMMIT from $src into $dir" >&2
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  # Only the headers the kernels include (as cudaforge's own sparse checkout): no docs or media.
+  git clone -q --no-checkout "$src" "$dir" \
+    && git -C "$dir" sparse-checkout set include tools/util/include \
+    && git -C "$dir" -c advice.detachedHead=false checkout -q "$AFA_CUTLASS_COMMIT" \
+    && [ -f "$dir/include/cutlass/cutlass.h" ] \
+    || { echo "cuda_env: CUTLASS $AFA_CUTLASS_COMMIT not available from $src" >&2; return 1; }
+}

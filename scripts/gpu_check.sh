@@ -4,7 +4,8 @@
 #   2. the parity tests on the GPU in f32 (the CPU's tolerances), f16 and bf16 (the documented
 #      looser bounds of tests/common::bound; tests/half_precision.rs: PSNR against f32),
 #   3. `afa bench` on full-size SD1.5 random weights at 512x512: UNet step at batch 2 (CFG),
-#      VAE decode, text encoder, one AFA N=3 step, a whole 50-step DDIM generation with one
+#      VAE decode, text encoder, one AFA N=3 step, the attention paths (default vs sliced on
+#      SD1.5's and the aggregators' shapes), a whole 50-step DDIM generation with one
 #      model, AFA N=3 at 20 steps, and images/s at max-batch 1, 4, 8 (f16; UNet/VAE in f32 too).
 # It writes OUTDIR/summary.md (every step's status and time, the PSNR lines and every bench
 # table: paste into BENCHMARKS.md) and one log per step. A failing step is recorded and the
@@ -14,6 +15,14 @@
 #   scripts/gpu_check.sh [--out DIR]     # DIR defaults to $OUT, else ./gpu-check-out
 #   scripts/gpu_check.sh --cpu-dry-run   # the same steps on the CPU: no cuda feature, the dev
 #                                        # profile, f32 and f16 tests, benches at tiny sizes
+#
+# AFA_GPU_FLASH_ATTN=1 builds with --features cuda,flash-attn (FlashAttention-2 for f16/bf16
+# attention on sm80+; the f16 benches then use it, and bench-attention compares it with the
+# sliced path). Its kernels need a CUTLASS checkout (AFA_CUTLASS_GIT: a git URL or a local
+# clone holding the commit, see scripts/cuda_env.sh) and add an estimated 15-30 minutes of nvcc
+# on 16 cores the first time (53 kernels; one took ~4 CPU-minutes on the 2-core dev machine),
+# kept in CANDLE_FLASH_ATTN_BUILD_DIR afterwards: more than one 10-minute run, so build it
+# first (scripts/flash_attn_check.sh --build, in the background) and run this check after.
 #
 # Needs on the GPU machine: the Rust toolchain and the crates (network, or a filled
 # ~/.cargo/registry), and a CUDA toolkit: a system one (nvcc on PATH, CUDA_HOME or
@@ -46,16 +55,23 @@ if [ "$dry" = 1 ]; then
   unet=(--unet-sizes 8 --vae-latent 8 --repeats 1)
   gen=(--gen-size 64 --gen-steps 2 --afa-gen-steps 1 --gen-members 2 --throughput-batches 1,2 --repeats 1)
   afa=(--afa-members 2 --unet-sizes 8 --repeats 1)
+  attn=(--repeats 1)
   limit=600
 else
   features=(--features cuda) profile=release bindir=target/release device=cuda dtypes=(f32 f16 bf16)
+  [ "${AFA_GPU_FLASH_ATTN:-0}" = 1 ] && features=(--features cuda,flash-attn)
   unet=(--unet-sizes 64 --vae-latent 64 --repeats 5)
   gen=(--gen-size 512 --gen-steps 50 --afa-gen-steps 20 --gen-members 3 --throughput-batches 1,4,8 --repeats 1)
   afa=(--afa-members 3 --unet-sizes 64 --repeats 3)
+  attn=(--repeats 5)
   limit=150
   # shellcheck source=scripts/cuda_env.sh
   source scripts/cuda_env.sh
   afa_cuda_env || { echo "no CUDA toolkit (see the header of this script)" >&2; exit 1; }
+  if [ "${AFA_GPU_FLASH_ATTN:-0}" = 1 ]; then
+    afa_cutlass_checkout || exit 1
+    export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
+  fi
   if [ "${AFA_CUDA_RUNTIME_WHEELS:-0}" = 1 ]; then
     for lib in "$(afa_cuda_cache_dir)"/venv/lib/python3*/site-packages/nvidia/cu13/lib; do
       export LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
@@ -110,6 +126,8 @@ if [ -x "$afa_bin" ]; then
     --parts unet,vae "${unet[@]}" --out "$outdir/bench-components-f32.md"
   step bench-afa-step-$main $limit "$afa_bin" bench --device $device --dtype $main \
     --parts afa "${afa[@]}" --out "$outdir/bench-afa-step-$main.md"
+  step bench-attention-$main $limit "$afa_bin" bench --device $device --dtype $main \
+    --parts attention "${attn[@]}" --out "$outdir/bench-attention-$main.md"
   step bench-generate-$main $((2 * limit)) "$afa_bin" bench --device $device --dtype $main \
     --parts generate "${gen[@]}" --out "$outdir/bench-generate-$main.md"
   step bench-throughput-$main $((2 * limit)) "$afa_bin" bench --device $device --dtype $main \

@@ -148,3 +148,46 @@ fn f16_vae_decode_does_not_overflow() {
     println!("f16 vs f32 VAE decode of 4-sigma latents: PSNR {db:.1} dB");
     assert!(db >= 30.0, "f16 VAE decode is {db:.1} dB from f32");
 }
+
+/// Attention in half precision (on a GPU built with `flash-attn`: FlashAttention-2; elsewhere
+/// the sliced path with its softmax in f32) against the f32 sliced path, on the head sizes of
+/// SD1.5 (40, 80, 160) and of the aggregators (16), self- and cross-attention.
+#[test]
+fn half_precision_attention_matches_f32() {
+    let device = common::device();
+    let halves: &[(DType, f32)] = if device.is_cpu() {
+        &[(DType::F16, 4e-3)]
+    } else {
+        &[(DType::F16, 4e-3), (DType::BF16, 3e-2)]
+    };
+    let shapes = [
+        (16, 256, 256),
+        (40, 256, 256),
+        (40, 256, 77),
+        (80, 64, 64),
+        (160, 64, 77),
+    ];
+    let mut rng = afa::pipeline::ImageRng::new(11);
+    for (d, tq, tk) in shapes {
+        let mut normal =
+            |t: usize| Tensor::from_vec(rng.normals(2 * 8 * t * d), (2, 8, t, d), &device).unwrap();
+        let (q, k, v) = (normal(tq), normal(tk), normal(tk));
+        let scale = 1.0 / (d as f64).sqrt();
+        let want = values(&afa::models::nn::sliced_attention(&q, &k, &v, scale).unwrap());
+        for &(half, bound) in halves {
+            let h = |t: &Tensor| t.to_dtype(half).unwrap();
+            let got = afa::models::nn::scaled_dot_product_attention(&h(&q), &h(&k), &h(&v), scale)
+                .unwrap();
+            let err = values(&got)
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            println!("attention {half:?} d={d} Tq={tq} Tk={tk}: max abs error {err:.2e}");
+            assert!(
+                err <= bound,
+                "{half:?} d={d}: max abs error {err} over {bound}"
+            );
+        }
+    }
+}

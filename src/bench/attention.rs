@@ -1,6 +1,7 @@
-//! The `attention` part: the fused CPU attention kernel (`models::nn`'s default for f32
-//! inference) against the sliced composed path, on the shapes SD1.5 and the paper's
-//! aggregators use with classifier-free guidance (batch 2).
+//! The `attention` part: `models::nn`'s default attention (the fused CPU kernel for f32
+//! inference; FlashAttention-2 on an sm80+ GPU in f16/bf16 when built with `flash-attn`)
+//! against the sliced composed path, on the shapes SD1.5 and the paper's aggregators use with
+//! classifier-free guidance (batch 2).
 use super::{BenchError, BenchOptions, BenchReport, random_input, row, time_runs};
 use crate::models::nn;
 

@@ -54,7 +54,7 @@ pub enum BenchPart {
     Generate,
     /// Images per second of one model at each of `throughput_batches` images per batch.
     Throughput,
-    /// The attention kernels (fused and sliced) on SD1.5's and the aggregators' shapes.
+    /// The default attention path (fused on the CPU, flash on a GPU) against the sliced one.
     Attention,
 }
 

@@ -13,6 +13,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 mod fast;
 mod flash;
 mod frozen;
+#[cfg(feature = "flash-attn")]
+mod gpu_flash;
 
 /// A `k x k` convolution with `padding` and `stride` (diffusers names `weight`, `bias`).
 pub fn conv2d(
@@ -339,7 +341,8 @@ fn free_memory(_device: &Device) -> Option<usize> {
 
 /// Scaled dot-product attention over heads. On the CPU in f32 without gradients (inference,
 /// and the frozen members while training) it is the fused kernel of `flash.rs` (no score
-/// matrix in memory). Otherwise, for long sequences (more scores than the device's
+/// matrix in memory); built with the `flash-attn` feature, on an sm80+ GPU in f16/bf16 without
+/// gradients it is FlashAttention-2 (`gpu_flash.rs`). Otherwise, for long sequences (more scores than the device's
 /// budget, see `score_budget`) it runs one sample at a time,
 /// in slices of queries, so that the score matrix of all heads is never allocated at once. The
 /// slicing depends on the per-sample shape only, never on the batch size, so a sample's result
@@ -354,6 +357,10 @@ pub fn scaled_dot_product_attention(
 ) -> Result<Tensor> {
     if fast::applies(q) && fast::applies(k) && fast::applies(v) {
         return flash::attention(q, k, v, scale);
+    }
+    #[cfg(feature = "flash-attn")]
+    if gpu_flash::applies(q, k, v) {
+        return gpu_flash::attention(q, k, v, scale);
     }
     attention_within(q, k, v, scale, score_budget(q.device()))
 }
