@@ -4,10 +4,11 @@
 //! self-attention at 512 px and the aggregators' attention need no slicing whatever the GPU's
 //! free memory. Everything the kernels cannot take (f32, a head size that is not a multiple of
 //! 8 or above 512, an input that tracks gradients, a GPU older than sm80) keeps the sliced path.
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use candle_core::{DType, Device, DeviceLocation, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::sdpa::{PerGpu, once_per_gpu};
 
 /// The largest head size candle-flash-attn takes (its `flash_attn` refuses more, and head
 /// sizes that are not multiples of 8); SD1.5 uses 40, 80 and 160, the aggregators 16.
@@ -44,19 +45,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// Whether `device` is a CUDA GPU of compute capability 8.0 or newer, asked of the driver once
 /// per GPU.
 fn is_sm80_or_newer(device: &Device) -> bool {
-    let DeviceLocation::Cuda { gpu_id } = device.location() else {
-        return false;
-    };
-    static CAPABLE: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();
-    let mut capable = CAPABLE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    *capable.entry(gpu_id).or_insert_with(|| {
+    static CAPABLE: PerGpu<bool> = OnceLock::new();
+    once_per_gpu(&CAPABLE, device, || {
         device
             .as_cuda_device()
             .ok()
             .and_then(|cuda| cuda.cuda_stream().context().compute_capability().ok())
             .is_some_and(|(major, _minor)| major >= 8)
     })
+    .unwrap_or(false)
 }
