@@ -27,8 +27,9 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && is_sm80_or_newer(q.device())
 }
 
-/// `q`: `[B, H, Tq, d]`, `k`, `v`: `[B, H, Tk, d]` -> `[B, H, Tq, d]`, softmax of
-/// `scale * q k^T` over the keys, no mask.
+/// `q`: `[B, H, Tq, d]`, `k`, `v`: `[B, H, Tk, d]` -> `[B, H, Tq, d]` (a transposed view),
+/// softmax of `scale * q k^T` over the keys, no mask. `q`, `k`, `v` from `split_heads` are
+/// views of `[B, T, H, d]` buffers, so turning them back costs no copy.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     // The kernels take `[B, T, H, d]` with a contiguous last dimension.
     let seq_major = |t: &Tensor| t.transpose(1, 2)?.contiguous();
@@ -39,7 +40,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         scale as f32,
         false,
     )?;
-    out.transpose(1, 2)?.contiguous()
+    // A view: `merge_heads` transposes it back, so the kernel's `[B, T, H, d]` output is
+    // reshaped to `[B, T, H*d]` without a copy.
+    out.transpose(1, 2)
 }
 
 /// Whether `device` is a CUDA GPU of compute capability 8.0 or newer, asked of the driver once

@@ -95,7 +95,7 @@ pub fn scaled_dot_product_attention(
     if gpu_flash::applies(q, k, v) {
         return gpu_flash::attention(q, k, v, scale);
     }
-    attention_within(q, k, v, scale, score_budget(q.device()))
+    sliced_attention(q, k, v, scale)
 }
 
 /// The composed path of [`scaled_dot_product_attention`] (matmul, softmax, matmul; sliced by
