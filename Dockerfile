@@ -2,7 +2,9 @@
 #   docker build --target cpu  -t afa-server:cpu  .
 #   docker build --target cuda -t afa-server:cuda .      (built with --features cuda: candle's CUDA
 #        backend and cuDNN, the feature set scripts/cuda_check.sh checks in CI; add
-#        --build-arg CUDA_COMPUTE_CAP=90 for H100/H200)
+#        --build-arg CUDA_COMPUTE_CAP=90 for H100/H200; --build-arg AFA_CUDA_FEATURES=flash-attn
+#        adds FlashAttention-2 for sm80+: its build clones CUTLASS from GitHub and compiles 53
+#        kernels, tens of minutes on many cores)
 # Models are not baked in: mount a folder with models.toml (and the weights it names) at
 # /models. The repository's tiny ensemble is copied in so the image also runs with no mount.
 #   docker run -p 8080:8080 -v $PWD/models:/models afa-server:cpu
@@ -15,16 +17,20 @@ RUN cargo build --release --locked --bin afa
 
 # ---- build (CUDA): the devel image has nvcc and the CUDA libraries candle links
 FROM nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 AS build-cuda
-RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config \
+RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config git \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
 ENV PATH=/root/.cargo/bin:$PATH
 # Compute capability of the target GPUs (8.0 = A100, 8.9 = L4/4090, 9.0 = H100).
 ARG CUDA_COMPUTE_CAP=80
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+# `cuda` (the default), or `flash-attn` (cuda plus FlashAttention-2). flash-attn links -lcudart
+# without saying where it is, hence the toolkit's lib64 on the linker's LIBRARY_PATH.
+ARG AFA_CUDA_FEATURES=cuda
+ENV LIBRARY_PATH=/usr/local/cuda/lib64:${LIBRARY_PATH}
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --features cuda --bin afa
+RUN cargo build --release --locked --features "${AFA_CUDA_FEATURES}" --bin afa
 
 # ---- runtime (CPU)
 FROM debian:bookworm-slim AS cpu

@@ -7,9 +7,10 @@
 #   scripts/cuda_check.sh            # cargo check --features cuda --all-targets
 #   scripts/cuda_check.sh --clippy   # the same through clippy, -D warnings
 #   scripts/cuda_check.sh --build    # cargo build --features cuda --bin afa, profile
-#                                    # $AFA_CUDA_PROFILE (default release); it links with no
-#                                    # stubs: cudarc loads libcuda, cuBLAS, cuRAND, NVRTC and
-#                                    # cuDNN at run time
+#                                    # $AFA_CUDA_PROFILE (default release); candle links
+#                                    # libcuda, cuBLAS(Lt), cuRAND, NVRTC and cuDNN (cudarc's
+#                                    # dynamic-linking), so where the toolkit lacks one a
+#                                    # link-only stub stands in (scripts/cuda_env.sh)
 #
 # The venv and the target dir live OUTSIDE the clone ($AFA_CUDA_CACHE, default /var/cache/afa-cuda),
 # so repeated CI runs on one machine are incremental. Measured on the 2-core CI machine shared
@@ -30,6 +31,11 @@ esac
 AFA_CUDA_FROM_WHEELS="${AFA_CUDA_FROM_WHEELS:-1}" afa_cuda_env
 cache="$(afa_cuda_cache_dir)"
 export CARGO_TARGET_DIR="${AFA_CUDA_TARGET_DIR:-$cache/target}"
+
+if [ "$mode" = build ]; then
+  afa_cudart_link_path
+  afa_cuda_link_stubs
+fi
 
 start=$(date +%s)
 case "$mode" in

@@ -88,6 +88,68 @@ afa_cuda_env() {
   echo "cuda_env: CUDA_HOME=$CUDA_HOME ($(nvcc --version | tail -2 | head -1)), compute cap $CUDA_COMPUTE_CAP" >&2
 }
 
+# Linking `--features flash-attn`: candle-flash-attn's build script asks for `-lcudart` (its
+# kernels' launches go through the CUDA runtime) but names no directory to find it in, and the
+# wheels ship only the versioned libcudart.so.13. This puts a directory holding an unversioned
+# libcudart.so (the toolkit's own, or a link to the versioned one) on LIBRARY_PATH, which the
+# linker driver searches for -l and cargo does not fingerprint, so nothing is rebuilt for it.
+# At run time the binary needs libcudart.so.13 where the loader looks (LD_LIBRARY_PATH above for
+# the wheels; a system toolkit's lib64 is normally in ld.so.conf).
+afa_cudart_link_path() {
+  local lib dir
+  for lib in "$CUDA_HOME/lib64" "$CUDA_HOME/lib" "$CUDA_HOME/targets/x86_64-linux/lib"; do
+    if [ -e "$lib/libcudart.so" ]; then dir="$lib"; break; fi
+  done
+  if [ -z "${dir:-}" ]; then
+    local versioned="" candidate
+    for candidate in "$CUDA_HOME"/lib64/libcudart.so.* "$CUDA_HOME"/lib/libcudart.so.*; do
+      if [ -e "$candidate" ]; then versioned="$candidate"; break; fi
+    done
+    [ -n "$versioned" ] || { echo "cuda_env: no libcudart.so* under $CUDA_HOME" >&2; return 1; }
+    dir="$(afa_cuda_cache_dir)/link"
+    mkdir -p "$dir"
+    ln -sf "$versioned" "$dir/libcudart.so"
+  fi
+  export LIBRARY_PATH="$dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
+}
+
+# Linking on a machine without the CUDA libraries (no GPU, the wheels' toolkit): candle-core
+# turns on cudarc's `dynamic-linking`, so every `--features cuda` binary is linked with -lcuda
+# -lnvrtc -lcurand -lcublas -lcublasLt -lcudnn, none of which the nvcc wheels ship (libcuda
+# comes with the driver). This makes link-only stubs, as the toolkit's own lib64/stubs do: for
+# each library the toolkit lacks, a shared object with the real SONAME that defines every
+# function cudarc's bindings name for it (the `load::<_F>("...")` names in its sys modules).
+# The binary then records the real SONAMEs, and on a GPU machine the loader finds the driver's
+# and the toolkit's libraries; the stubs are never loaded. On LIBRARY_PATH, after real ones.
+AFA_CUDA_STUB_LIBS=(
+  "driver cuda libcuda.so.1"
+  "nvrtc nvrtc libnvrtc.so.13"
+  "curand curand libcurand.so.10"
+  "cublas cublas libcublas.so.13"
+  "cublaslt cublasLt libcublasLt.so.13"
+  "cudnn cudnn libcudnn.so.9"
+)
+
+afa_cuda_link_stubs() {
+  local cudarc dir entry module lib soname
+  cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -1 || true)"
+  [ -n "$cudarc" ] || { echo "cuda_env: cudarc 0.19 is not in cargo's registry (cargo fetch)" >&2; return 1; }
+  dir="$(afa_cuda_cache_dir)/link-stubs"
+  mkdir -p "$dir"
+  for entry in "${AFA_CUDA_STUB_LIBS[@]}"; do
+    read -r module lib soname <<<"$entry"
+    if [ -e "$CUDA_HOME/lib64/lib$lib.so" ] || [ -e "$CUDA_HOME/lib/lib$lib.so" ] \
+        || ldconfig -p 2>/dev/null | grep -q "lib$lib\.so "; then
+      continue
+    fi
+    grep -o 'load::<_F>("[A-Za-z0-9_]*")' "$cudarc/src/$module/sys/mod.rs" \
+      | sed 's/.*("\(.*\)")/void \1(void) {}/' | sort -u >"$dir/$lib.c"
+    cc -shared -fPIC -o "$dir/$soname" -Wl,-soname,"$soname" "$dir/$lib.c" || return 1
+    ln -sf "$soname" "$dir/lib$lib.so"
+  done
+  export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$dir"
+}
+
 # The CUTLASS checkout candle-flash-attn's build compiles against (the `flash-attn` feature).
 # Its build script (cudaforge) would `git clone` NVIDIA/cutlass from GitHub at a pinned commit;
 # it uses a checkout at $CUDAFORGE_HOME/git/checkouts/cutlass-<16 hex of the commit> whose HEAD

@@ -68,6 +68,10 @@ else
   # shellcheck source=scripts/cuda_env.sh
   source scripts/cuda_env.sh
   afa_cuda_env || { echo "no CUDA toolkit (see the header of this script)" >&2; exit 1; }
+  # The link wants libcudart.so, cuDNN & co by name: stubs only for what the machine lacks
+  # (scripts/cuda_env.sh); at run time the loader must find the real ones.
+  afa_cudart_link_path || exit 1
+  afa_cuda_link_stubs || exit 1
   if [ "${AFA_GPU_FLASH_ATTN:-0}" = 1 ]; then
     afa_cutlass_checkout || exit 1
     export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
