@@ -66,6 +66,24 @@ afa_cuda_from_wheels() {
   export LD_LIBRARY_PATH="$tree/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
+# The source of crate $1 at the version Cargo.lock pins, from cargo's registry (fetched when
+# missing). Run from the repository root.
+afa_crate_src() {
+  local name="$1" version src
+  version="$(grep -A1 "^name = \"$name\"\$" Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p' | head -1)"
+  [ -n "$version" ] || { echo "cuda_env: $name is not in Cargo.lock" >&2; return 1; }
+  src="${CARGO_HOME:-$HOME/.cargo}/registry/src/*/$name-$version"
+  # shellcheck disable=SC2086 # the glob is meant
+  set -- $src
+  if [ ! -d "$1" ]; then
+    cargo fetch --locked -q >&2 || return 1
+    # shellcheck disable=SC2086
+    set -- $src
+  fi
+  [ -d "$1" ] || { echo "cuda_env: no source of $name $version in cargo's registry" >&2; return 1; }
+  echo "$1"
+}
+
 afa_cuda_env() {
   if [ "${AFA_CUDA_FROM_WHEELS:-0}" != 1 ]; then
     if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
@@ -132,8 +150,7 @@ AFA_CUDA_STUB_LIBS=(
 
 afa_cuda_link_stubs() {
   local cudarc dir entry module lib soname
-  cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -1 || true)"
-  [ -n "$cudarc" ] || { echo "cuda_env: cudarc 0.19 is not in cargo's registry (cargo fetch)" >&2; return 1; }
+  cudarc="$(afa_crate_src cudarc)" || return 1
   dir="$(afa_cuda_cache_dir)/link-stubs"
   mkdir -p "$dir"
   for entry in "${AFA_CUDA_STUB_LIBS[@]}"; do

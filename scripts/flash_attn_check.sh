@@ -32,11 +32,8 @@ case "${1:-}" in
 esac
 
 if [ "$mode" = api-only ]; then
-  version="$(grep -A1 '^name = "candle-flash-attn"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')"
-  [ -n "$version" ] || { echo "flash_attn_check: candle-flash-attn is not in Cargo.lock" >&2; exit 1; }
-  cargo fetch --locked -q
-  src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"candle-flash-attn-$version" | head -1)"
-  copy="$(afa_cuda_cache_dir)/candle-flash-attn-$version-api-only"
+  src="$(afa_crate_src candle-flash-attn)"
+  copy="$(afa_cuda_cache_dir)/$(basename "$src")-api-only"
   rm -rf "$copy"
   cp -r "$src" "$copy"
   echo '// The kernels are not compiled: scripts/flash_attn_check.sh --api-only.' >"$copy/build.rs"
